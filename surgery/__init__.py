@@ -1,0 +1,1 @@
+"""surgery: streaming weight surgery for LLM checkpoints."""

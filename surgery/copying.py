@@ -1,0 +1,69 @@
+"""Moving byte ranges between files without them entering Python memory.
+
+The chain: `os.copy_file_range` (in-kernel, may reflink), then `os.sendfile`, then a fixed-size buffer.
+A method that the kernel or filesystem refuses, or that stops early, hands the rest to the next one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from .errors import SurgeryError
+
+BUFFER_BYTES = 4 << 20
+#: one call moves at most this much, so a refused or interrupted call wastes little
+CALL_BYTES = 1 << 30
+_FALLBACK_ERRNOS = {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EBADF}
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Append `length` bytes of `src_fd` starting at `offset` at the current position of `dst_fd`."""
+    done = 0
+    for method in (_copy_file_range, _sendfile, _buffered):
+        done += method(src_fd, dst_fd, offset + done, length - done)
+        if done == length:
+            return
+    raise SurgeryError(f"source file ended {length - done} bytes early while copying (was it truncated?)")
+
+
+def _copy_file_range(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
+    return _loop(lambda pos, n: os.copy_file_range(src_fd, dst_fd, n, offset_src=pos), offset, length)
+
+
+def _sendfile(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
+    return _loop(lambda pos, n: os.sendfile(dst_fd, src_fd, pos, n), offset, length)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _buffered(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
+    def step(pos: int, n: int) -> int:
+        data = os.pread(src_fd, min(n, BUFFER_BYTES), pos)
+        write_all(dst_fd, data)
+        return len(data)
+
+    return _loop(step, offset, length)
+
+
+def _loop(call, offset: int, length: int) -> int:
+    """Run `call(position, count)` until `length` bytes moved; stop early on refusal or a zero count."""
+    done = 0
+    while done < length:
+        try:
+            moved = call(offset + done, min(length - done, CALL_BYTES))
+        except AttributeError:  # the platform lacks this call
+            return done
+        except OSError as exc:
+            if exc.errno in _FALLBACK_ERRNOS:
+                return done
+            raise
+        if moved <= 0:
+            return done
+        done += moved
+    return done

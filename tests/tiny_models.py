@@ -1,0 +1,36 @@
+"""Tiny dense checkpoints made by transformers itself, saved sharded, for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=256,
+)
+
+
+def save_tiny(kind: str, folder: Path, shards: int = 3, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
+    """Save a randomly initialised tiny `kind` ("mistral" or "llama") model in at least `shards` shards."""
+    import torch
+    import transformers
+
+    config_class, model_class = {
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    }[kind]
+    config = config_class(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = model_class(config).to(getattr(torch, dtype)).eval()
+    with torch.no_grad():  # norms start at 1: perturb them so a mix-up of tensors shows in the logits
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.rand_like(p) * 0.5)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(folder, max_shard_size=max(1, total // (shards + 1)))
+    return Path(folder)
