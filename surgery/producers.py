@@ -83,6 +83,13 @@ class Copy:
         for s in self.inputs:
             copy_range(sources.fd(s), dst_fd, s.offset, s.length)
 
+    def iter_bytes(self, sources: Sources) -> Iterator[bytes]:
+        """The same bytes as `write`, read into memory a bounded chunk at a time (for verification)."""
+        step = CHUNK_ELEMENTS
+        for s in self.inputs:
+            for start in range(0, s.length, step):
+                yield sources.read(s, start, min(step, s.length - start))
+
     def describe(self) -> str:
         return "copy"
 
@@ -102,10 +109,14 @@ class Compute:
         return dtypes.nbytes(self.dtype, self.numel)
 
     def write(self, dst_fd: int, sources: Sources) -> None:
+        for chunk in self.iter_bytes(sources):
+            write_all(dst_fd, chunk)
+
+    def iter_bytes(self, sources: Sources) -> Iterator[bytes]:
         produced = 0
         for values in self.chunks(sources):
             produced += values.size
-            write_all(dst_fd, dtypes.from_f32(values, self.dtype))
+            yield dtypes.from_f32(values, self.dtype)
         if produced != self.numel:
             raise AssertionError(f"{self.label}: produced {produced} of {self.numel} elements")
 

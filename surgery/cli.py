@@ -1,0 +1,179 @@
+"""The `surgery` command line: upcycle, plan, inspect, verify, rules and demo."""
+
+from __future__ import annotations
+
+import functools
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import SurgeryError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000 (decimal, as Hugging Face); '2GiB' -> 2 * 2**30; '1000' -> 1000 bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size such as 5GB, 500MB or 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "").upper()
+    scale = 1024 ** "KMGT".index(unit[0]) * 1024 if "I" in unit else _UNITS[unit[:1]]
+    return int(number * scale)
+
+
+def _size_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    return parse_size(value)
+
+
+def recipe_options(command):
+    """The options shared by upcycle, plan and verify."""
+    options = [
+        click.option("--rules", "-r", required=True, help="Built-in rule name (see `surgery rules`) or path to a rule YAML."),
+        click.option("--num-experts", "-e", type=int, required=True, help="Experts per MoE layer (>= 1)."),
+        click.option("--experts-per-token", "-k", type=int, required=True, help="Experts routed per token (1..num-experts)."),
+        click.option("--router-init", type=click.Choice(["normal", "zeros", "uniform"]), default="normal",
+                     show_default=True, help="Router init: normal(0, router-std), zeros, or uniform(+-1/sqrt(hidden))."),
+        click.option("--router-std", type=float, default=0.02, show_default=True, help="Std of the normal router init."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed for new tensors; derived per tensor, so output does not depend on shard order."),
+        click.option("--dtype", default=None, help="Output dtype for float tensors (bf16, fp16, fp32). Default: the source's."),
+        click.option("--max-shard-size", default="5GB", show_default=True, callback=_size_option,
+                     help="Largest output shard, e.g. 5GB, 500MB, 2GiB."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _recipe(kwargs: dict) -> dict:
+    keys = ("num_experts", "experts_per_token", "router_init", "router_std", "seed", "dtype", "max_shard_size")
+    return {k: kwargs.pop(k) for k in keys}
+
+
+def friendly_errors(command):
+    """Show SurgeryError as one line and exit 1."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SurgeryError as exc:
+            raise click.ClickException(str(exc)) from None
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="surgery")
+def main() -> None:
+    """Streaming weight surgery for LLM checkpoints.
+
+    Turns a dense checkpoint (Mistral, Llama, ...) into a Mixture-of-Experts one (Mixtral, ...)
+    by rule files, shard by shard, in a few hundred MiB of RAM. Start with `surgery demo`.
+    """
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
+@recipe_options
+@click.option("--overwrite", is_flag=True, help="Replace DST if it is a non-empty folder (only once the new output is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@friendly_errors
+def upcycle(src: str, dst: Path, rules: str, overwrite: bool, quiet: bool, **kwargs) -> None:
+    """Upcycle the dense checkpoint SRC into an MoE checkpoint in DST.
+
+    SRC is a checkpoint folder or a .safetensors file. DST receives safetensors shards, the index,
+    config.json, tokenizer files and a model card; nothing appears there until all is written.
+    """
+    from .api import upcycle as run
+
+    out = run(src, dst, rules, overwrite=overwrite, progress=not quiet,
+              command=shlex.join(["surgery", *sys.argv[1:]]), **_recipe(kwargs))
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("src")
+@recipe_options
+@click.option("--tensors", "list_tensors", is_flag=True, help="Also list every output tensor and its origin.")
+@friendly_errors
+def plan(src: str, rules: str, list_tensors: bool, **kwargs) -> None:
+    """Show what upcycling SRC would write, from headers alone (no tensor data is read).
+
+    Prints total and active parameters, output bytes, what each rule matched and the shard layout.
+    """
+    from .api import plan as make
+    from .report import plan_summary
+
+    click.echo(plan_summary(make(src, rules, **_recipe(kwargs)), list_tensors))
+
+
+@main.command()
+@click.argument("path")
+@friendly_errors
+def inspect(path: str) -> None:
+    """Count the parameters of the checkpoint at PATH from its headers.
+
+    Prints `trainable params: 7.24B || all params: 7.24B || trainable%: 100.0000`.
+    """
+    from .api import open_source
+    from .report import parameter_line
+
+    checkpoint = open_source(path)
+    n = checkpoint.num_parameters
+    click.echo(parameter_line(n, n))
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@recipe_options
+@friendly_errors
+def verify(src: str, dst: str, rules: str, **kwargs) -> None:
+    """Check that DST holds exactly what upcycling SRC with these options produces, byte for byte."""
+    from .api import plan as make
+    from .verify import verify as check
+
+    count = check(make(src, rules, **_recipe(kwargs)), dst)
+    click.echo(f"verified: {count} tensors in {dst} match the plan byte for byte")
+
+
+@main.command(name="rules")
+@click.argument("name", required=False)
+@friendly_errors
+def rules_command(name: str | None) -> None:
+    """List the built-in rule files, or print the one called NAME."""
+    from .rules import builtin_rule_names, find_rules, load_rules
+
+    if name:
+        click.echo(find_rules(name).read_text(), nl=False)
+        return
+    for rule_name in builtin_rule_names():
+        rules = load_rules(rule_name)
+        click.echo(f"{rule_name:24} {', '.join(rules.source_model_types)} -> {rules.target['model_type']}: {rules.description}")
+
+
+@main.command()
+@click.argument("dst", default="surgery-demo", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@friendly_errors
+def demo(dst: Path, overwrite: bool) -> None:
+    """Upcycle the tiny Mistral shipped with surgery into a 4-expert, top-2 Mixtral in DST, then inspect and verify it."""
+    from .api import open_source, plan as make, upcycle as run
+    from .report import parameter_line
+    from .verify import verify as check
+
+    src = Path(__file__).parent / "demo_model"
+    recipe = dict(rules="mistral-to-mixtral", num_experts=4, experts_per_token=2)
+    dense = open_source(src).num_parameters
+    click.echo(f"dense   {src}\n        {parameter_line(dense, dense)}")
+    out = run(src, dst, overwrite=overwrite, progress=False, command=f"surgery demo {dst}", **recipe)
+    moe = open_source(out).num_parameters
+    click.echo(f"upcycled {out}\n        {parameter_line(moe, moe)}")
+    count = check(make(src, **recipe), out)
+    click.echo(f"verified: {count} tensors match the plan byte for byte")
+    click.echo(f"next: surgery plan {src} --rules mistral-to-mixtral -e 8 -k 2")
