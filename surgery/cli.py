@@ -146,7 +146,12 @@ def verify(src: str, dst: str, rules: str, **kwargs) -> None:
 @click.argument("name", required=False)
 @friendly_errors
 def rules_command(name: str | None) -> None:
-    """List the built-in rule files, or print the one called NAME."""
+    """List the built-in rule files, or print the one called NAME.
+
+    A rule file maps source tensor names to output names and edits the config. To write your
+    own, start from `surgery rules mistral-to-mixtral > my.yaml`, edit, and pass `--rules my.yaml`;
+    the schema is documented in docs/rules.md.
+    """
     from .rules import builtin_rule_names, find_rules, load_rules
 
     if name:

@@ -169,14 +169,14 @@ class _Reader:
 
     def mapping(self, value: object, where: str, required: tuple[str, ...] = (), optional: tuple[str, ...] | None = None) -> dict:
         value = self.typed(value, where, dict)
-        for key in required:
-            if key not in value:
-                raise self.fail(where, f"missing required field {key!r}")
         if optional is not None:
             allowed = set(required) | set(optional)
             for key in value:
                 if key not in allowed:
                     raise self.fail(where, f"unknown field {key!r} (allowed: {', '.join(sorted(allowed))})")
+        for key in required:
+            if key not in value:
+                raise self.fail(where, f"missing required field {key!r}")
         return value
 
 
@@ -206,7 +206,7 @@ def _tensor_rule(r: _Reader, where: str, spec: object, indices: dict[str, Index]
         _check_init(r, f"{where}.init", rule.init)
         bound = set(placeholders(rule.for_each))
     else:
-        spec = r.mapping(spec, where, required=("from", "to"))
+        spec = r.mapping(spec, where, required=("from", "to"), optional=())
         rule = TensorRule(where=where, source=r.typed(spec["from"], f"{where}.from", str),
                           to=r.typed(spec["to"], f"{where}.to", str))
         bound = set(placeholders(rule.source))
