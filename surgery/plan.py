@@ -155,21 +155,16 @@ class _Planner:
         self.model_dtype = options.dtype or _float_or_f32(source.dominant_dtype)
 
     def apply(self) -> list[PlannedTensor]:
+        """Outputs in natural name order (`layers.9` before `layers.10`), whatever the source's layout."""
         planned: list[PlannedTensor] = []
-        maps = [(rule, rule.pattern) for rule in self.rules.tensors if not rule.is_new]
-        for info in self.source.tensors.values():
-            hits = [(rule, m) for rule, pattern in maps if (m := pattern.fullmatch(info.name))]
-            if not hits:
+        rules = [(rule, rule.pattern) for rule in self.rules.tensors]
+        for info in sorted(self.source.tensors.values(), key=lambda t: (t.file, t.offset)):
+            hits = [(rule, m) for rule, pattern in rules if (m := pattern.fullmatch(info.name))]
+            if not any(not rule.is_new for rule, _ in hits):
                 planned.append(PlannedTensor(self._copy(info, info.name), info.name, "unchanged"))
             for rule, match in hits:
                 self.counts[rule.where] += 1
-                planned += [
-                    PlannedTensor(self._copy(info, fill(rule.to, values)), info.name, rule.where, share)
-                    for values, share in self._fan_out(rule, match.groupdict())
-                ]
-        for rule in self.rules.tensors:
-            if rule.is_new:
-                planned += self._new_tensors(rule)
+                planned += self._outputs(rule, match.groupdict(), info)
         unmatched = [rule for rule in self.rules.tensors if self.counts[rule.where] == 0]
         if unmatched:
             rule = unmatched[0]
@@ -179,6 +174,21 @@ class _Planner:
             )
         _check_unique(planned, self.rules)
         return sorted(planned, key=lambda p: natural_key(p.tensor.name))
+
+    def _outputs(self, rule: TensorRule, bound: dict[str, str], info: TensorInfo) -> list[PlannedTensor]:
+        """What one rule makes of one matching source tensor: copies, or new tensors."""
+        out = []
+        for values, share in self._fan_out(rule, bound):
+            name = fill(rule.to, values)
+            if not rule.is_new:
+                out.append(PlannedTensor(self._copy(info, name), info.name, rule.where, share))
+                continue
+            names = {**self.names, **values}
+            shape = tuple(self._int(d, f"{rule.where}.shape", names) for d in rule.shape)
+            dtype = dtypes.parse_float_dtype(rule.dtype) if rule.dtype else self.model_dtype
+            tensor = OutputTensor(name, dtype, shape, self._init(rule, name, shape, dtype, names))
+            out.append(PlannedTensor(tensor, None, rule.where, share))
+        return out
 
     def _fan_out(self, rule: TensorRule, bound: dict[str, str]) -> list[tuple[dict[str, int], Fraction]]:
         values = {k: int(v) for k, v in bound.items()}
@@ -199,23 +209,6 @@ class _Planner:
             producer = cast(segment, info.dtype, target, info.numel)
             return OutputTensor(name, target, info.shape, producer)
         return OutputTensor(name, info.dtype, info.shape, Copy((segment,)))
-
-    def _new_tensors(self, rule: TensorRule) -> list[PlannedTensor]:
-        pattern = rule.pattern
-        out = []
-        for info in self.source.tensors.values():
-            match = pattern.fullmatch(info.name)
-            if not match:
-                continue
-            self.counts[rule.where] += 1
-            for values, share in self._fan_out(rule, match.groupdict()):
-                names = {**self.names, **values}
-                shape = tuple(self._int(d, f"{rule.where}.shape", names) for d in rule.shape)
-                dtype = dtypes.parse_float_dtype(rule.dtype) if rule.dtype else self.model_dtype
-                name = fill(rule.to, values)
-                tensor = OutputTensor(name, dtype, shape, self._init(rule, name, shape, dtype, names))
-                out.append(PlannedTensor(tensor, None, rule.where, share))
-        return out
 
     def _init(self, rule: TensorRule, name: str, shape: tuple[int, ...], dtype: str, names: dict) -> Producer:
         numel = math.prod(shape)

@@ -72,50 +72,69 @@ def write_checkpoint(
 ) -> list[str]:
     """Write `tensors` into `folder` as shards plus, if several, the index; return the files written.
 
-    Each shard is written under a temporary name and renamed once complete; the index comes last.
-    On any exception every file this call created is removed.
+    Every shard's header is written first (it is known from the plan); then tensors are written into
+    their places in the order their source bytes are stored, so each source file is read in one
+    stretch and can be released (evicted) right after. Shards carry a temporary name until all are
+    complete; the index comes last. On any exception every file this call created is removed.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shards = shard_layout(tensors, max_shard_bytes)
     names = shard_names(len(shards))
-    written: list[Path] = []
+    temps = [folder / (name + TEMP_SUFFIX) for name in names]
+    finals = [folder / name for name in names]
     sources = Sources([t.producer for t in tensors])
+    fds: list[int] = []
     try:
-        for name, shard in zip(names, shards):
-            temp = folder / (name + TEMP_SUFFIX)
-            written.append(temp)
-            _write_shard(temp, data_order(shard), sources, progress)
-            os.replace(temp, folder / name)
-            written[-1] = folder / name
+        slots = []
+        for temp, shard in zip(temps, shards):
+            fds.append(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+            slots += _write_header(fds[-1], data_order(shard))
+        for tensor, fd, offset in sorted(slots, key=lambda slot: read_position(slot[0])):
+            _write_tensor(tensor, fd, offset, sources)
+            progress(tensor.nbytes)
+        while fds:
+            os.close(fds.pop())
+        for temp, final in zip(temps, finals):
+            os.replace(temp, final)
         if len(shards) > 1:
-            index = folder / INDEX_NAME
-            written.append(index)
-            _write_index(index, shards, names)
-        return [p.name for p in written]
+            _write_index(folder / INDEX_NAME, shards, names)
+            return names + [INDEX_NAME]
+        return names
     except BaseException:
-        for path in written:
+        for path in [*temps, *finals, folder / INDEX_NAME]:
             path.unlink(missing_ok=True)
         raise
     finally:
+        for fd in fds:
+            os.close(fd)
         sources.close()
 
 
-def _write_shard(path: Path, tensors: list[OutputTensor], sources: Sources, progress: Callable[[int], None]) -> None:
+def read_position(tensor: OutputTensor) -> tuple[str, int]:
+    """Where a tensor's first source bytes are stored; tensors made from nothing come first."""
+    inputs = tensor.producer.inputs
+    return (inputs[0].file, inputs[0].offset) if inputs else ("", 0)
+
+
+def _write_header(fd: int, tensors: list[OutputTensor]) -> list[tuple[OutputTensor, int, int]]:
+    """Write a shard's header; return each tensor with the file offset its bytes go to."""
     header = build_header([(t.name, t.dtype, t.shape, t.nbytes) for t in tensors], {"format": "pt"})
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        write_all(fd, header)
-        for t in tensors:
-            start = os.lseek(fd, 0, os.SEEK_CUR)
-            t.producer.write(fd, sources)
-            written = os.lseek(fd, 0, os.SEEK_CUR) - start
-            if written != t.nbytes:
-                raise AssertionError(f"{t.name}: producer wrote {written} bytes, expected {t.nbytes}")
-            sources.finished(t.producer)
-            progress(t.nbytes)
-    finally:
-        os.close(fd)
+    write_all(fd, header)
+    slots, offset = [], len(header)
+    for t in tensors:
+        slots.append((t, fd, offset))
+        offset += t.nbytes
+    return slots
+
+
+def _write_tensor(tensor: OutputTensor, fd: int, offset: int, sources: Sources) -> None:
+    os.lseek(fd, offset, os.SEEK_SET)
+    tensor.producer.write(fd, sources)
+    written = os.lseek(fd, 0, os.SEEK_CUR) - offset
+    if written != tensor.nbytes:
+        raise AssertionError(f"{tensor.name}: producer wrote {written} bytes, expected {tensor.nbytes}")
+    sources.finished(tensor.producer)
 
 
 def _write_index(path: Path, shards: list[list[OutputTensor]], names: list[str]) -> None:
