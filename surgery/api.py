@@ -9,14 +9,23 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .execute import execute
+from .hub import check_push, open_hub_checkpoint, parse_repo_id, push
 from .plan import Options, Plan, make_plan
 from .rules import RuleFile
 
 
-def open_source(src: str | os.PathLike | Checkpoint) -> Checkpoint:
-    """A local folder or .safetensors file."""
+def open_source(
+    src: str | os.PathLike | Checkpoint, *, evict_source: bool = False, progress: bool = False
+) -> Checkpoint:
+    """A local folder or .safetensors file, or a Hub repo id `org/name[@revision]` (a local path that exists wins).
+
+    For a Hub repo, `evict_source` deletes each shard it downloads from the cache after its last use, and
+    `progress` shows download bars.
+    """
     if isinstance(src, Checkpoint):
         return src
+    if isinstance(src, str) and not Path(src).exists() and (repo := parse_repo_id(src)):
+        return open_hub_checkpoint(*repo, evict=evict_source, progress=progress)
     return open_checkpoint(src)
 
 
@@ -41,13 +50,25 @@ def upcycle(
     overwrite: bool = False,
     progress: bool = True,
     command: str | None = None,
+    evict_source: bool = False,
+    push_to_hub: str | None = None,
+    private: bool | None = None,
     **options: object,
 ) -> Path:
     """Upcycle `src` into `dst` with a rule file (built-in name or path); returns the output folder.
 
+    `src` may be a Hub repo id `org/name[@revision]`: each of its shards is downloaded when first needed, and
+    with `evict_source` each is deleted from the cache after its last use. `push_to_hub="org/name"` uploads `dst`
+    once it is complete (creating the repo, private if `private`).
     Options: router_init ("normal", "zeros", "uniform"), router_std, seed, dtype ("bf16", ...),
     max_shard_size (bytes).
     """
-    the_plan = plan(src, rules, num_experts, experts_per_token, **options)
+    if push_to_hub:
+        check_push(push_to_hub)
+    source = open_source(src, evict_source=evict_source, progress=progress)
+    the_plan = plan(source, rules, num_experts, experts_per_token, **options)
     with tqdm(total=the_plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=not progress) as bar:
-        return execute(the_plan, dst, overwrite=overwrite, progress=bar.update, command=command)
+        out = execute(the_plan, dst, overwrite=overwrite, progress=bar.update, command=command)
+    if push_to_hub:
+        push(out, push_to_hub, private)
+    return out

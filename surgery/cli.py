@@ -82,18 +82,29 @@ def main() -> None:
 @recipe_options
 @click.option("--overwrite", is_flag=True, help="Replace DST if it is a non-empty folder (only once the new output is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--evict-source", is_flag=True,
+              help="Hub SRC: delete each source shard this run downloads from the cache after its last use.")
+@click.option("--push-to-hub", metavar="ORG/NAME", help="Upload DST to this Hub repo (created if needed) once complete.")
+@click.option("--private", is_flag=True, help="Create the --push-to-hub repo as private.")
 @friendly_errors
-def upcycle(src: str, dst: Path, rules: str, overwrite: bool, quiet: bool, **kwargs) -> None:
+def upcycle(src: str, dst: Path, rules: str, overwrite: bool, quiet: bool, evict_source: bool,
+            push_to_hub: str | None, private: bool, **kwargs) -> None:
     """Upcycle the dense checkpoint SRC into an MoE checkpoint in DST.
 
-    SRC is a checkpoint folder or a .safetensors file. DST receives safetensors shards, the index,
+    SRC is a checkpoint folder, a .safetensors file or a Hub repo id ORG/NAME[@REVISION] (branch, tag or
+    commit; each shard is downloaded when first needed). DST receives safetensors shards, the index,
     config.json, tokenizer files and a model card; nothing appears there until all is written.
     """
     from .api import upcycle as run
 
+    if private and not push_to_hub:
+        raise click.UsageError("--private only applies with --push-to-hub")
     out = run(src, dst, rules, overwrite=overwrite, progress=not quiet,
-              command=shlex.join(["surgery", *sys.argv[1:]]), **_recipe(kwargs))
+              command=shlex.join(["surgery", *sys.argv[1:]]), evict_source=evict_source,
+              push_to_hub=push_to_hub, private=private or None, **_recipe(kwargs))
     click.echo(f"wrote {out}")
+    if push_to_hub:
+        click.echo(f"pushed to {push_to_hub}")
 
 
 @main.command()
@@ -104,7 +115,9 @@ def upcycle(src: str, dst: Path, rules: str, overwrite: bool, quiet: bool, **kwa
 def plan(src: str, rules: str, list_tensors: bool, **kwargs) -> None:
     """Show what upcycling SRC would write, from headers alone (no tensor data is read).
 
-    Prints total and active parameters, output bytes, what each rule matched and the shard layout.
+    SRC is a checkpoint folder, a .safetensors file or a Hub repo id ORG/NAME[@REVISION] (headers are then read
+    with HTTP range requests). Prints total and active parameters, output bytes, what each rule matched and the
+    shard layout.
     """
     from .api import plan as make
     from .report import plan_summary
@@ -118,6 +131,7 @@ def plan(src: str, rules: str, list_tensors: bool, **kwargs) -> None:
 def inspect(path: str) -> None:
     """Count the parameters of the checkpoint at PATH from its headers.
 
+    PATH is a checkpoint folder, a .safetensors file or a Hub repo id ORG/NAME[@REVISION].
     Prints `trainable params: 7.24B || all params: 7.24B || trainable%: 100.0000`.
     """
     from .api import open_source
