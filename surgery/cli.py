@@ -196,3 +196,7 @@ def demo(dst: Path, overwrite: bool) -> None:
     count = check(make(src, **recipe), out)
     click.echo(f"verified: {count} tensors match the plan byte for byte")
     click.echo(f"next: surgery plan {src} --rules mistral-to-mixtral -e 8 -k 2")
+
+from .compat.fusion_bench_cli import fusion_bench_command  # noqa: E402  (it imports friendly_errors from here)
+
+main.add_command(fusion_bench_command, name="fusion-bench")
