@@ -48,11 +48,12 @@ def _buffered(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
         write_all(dst_fd, data)
         return len(data)
 
-    return _loop(step, offset, length)
+    return _loop(step, offset, length, fallback=False)
 
 
-def _loop(call, offset: int, length: int) -> int:
-    """Run `call(position, count)` until `length` bytes moved; stop early on refusal or a zero count."""
+def _loop(call, offset: int, length: int, fallback: bool = True) -> int:
+    """Run `call(position, count)` until `length` bytes moved; stop early on a zero count, or on a refusal
+    when there is a `fallback` to hand over to (the buffered copy, the last resort, raises instead)."""
     done = 0
     while done < length:
         try:
@@ -60,7 +61,7 @@ def _loop(call, offset: int, length: int) -> int:
         except AttributeError:  # the platform lacks this call
             return done
         except OSError as exc:
-            if exc.errno in _FALLBACK_ERRNOS:
+            if fallback and exc.errno in _FALLBACK_ERRNOS:
                 return done
             raise
         if moved <= 0:

@@ -10,6 +10,7 @@ from . import dtypes
 from .errors import SurgeryError
 
 MAX_HEADER_BYTES = 100_000_000
+U64_MAX = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,11 @@ def parse_header(raw: bytes, file_size: int, where: str) -> FileHeader:
     """Validate header JSON bytes (the N bytes after the prefix) against the file size."""
     data_size = file_size - 8 - len(raw)
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_int=_parse_int)
     except UnicodeDecodeError:
         raise SurgeryError(f"{where}: header is not valid UTF-8") from None
+    except UnicodeEncodeError:
+        raise SurgeryError(f"{where}: header has a string with a lone surrogate escape (not valid Unicode)") from None
     except _DuplicateKey as dup:
         raise SurgeryError(f"{where}: header has duplicate key {dup.args[0]!r}") from None
     except (ValueError, RecursionError) as exc:
@@ -88,9 +91,17 @@ class _DuplicateKey(ValueError):
     pass
 
 
+def _parse_int(text: str) -> int | float:
+    """JSON integers, except `-0`, which the reference reader takes for a float."""
+    return float(text) if text == "-0" else int(text)
+
+
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in pairs:
+        for text in (key, value):
+            if isinstance(text, str):
+                text.encode("utf-8")  # raises UnicodeEncodeError on a lone surrogate such as "\ud800"
         if key in out:
             raise _DuplicateKey(key)
         out[key] = value
@@ -99,6 +110,11 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _is_int(value: object) -> bool:
@@ -112,17 +128,22 @@ def _tensor_entry(name: str, entry: object, where: str) -> TensorHeader:
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in dtypes.BITS:
         raise SurgeryError(f"{at}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise SurgeryError(f"{at}: shape must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= U64_MAX for d in shape):
+        raise SurgeryError(f"{at}: shape must be a list of integers from 0 to 2**64-1, got {_short(shape)}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
-        raise SurgeryError(f"{at}: data_offsets must be two non-negative integers, got {offsets!r}")
+        raise SurgeryError(f"{at}: data_offsets must be two non-negative integers, got {_short(offsets)}")
     begin, end = offsets
     if end < begin:
         raise SurgeryError(f"{at}: data_offsets end {end} is before begin {begin}")
-    bits = dtypes.BITS[dtype] * math.prod(shape)
+    numel = 1
+    for d in shape:  # step by step: a product of huge numbers is slow, and any partial overflow is an error
+        numel *= d
+        if numel > U64_MAX:
+            raise SurgeryError(f"{at}: its {len(shape)}-dimensional shape has more than 2**64-1 elements")
+    bits = dtypes.BITS[dtype] * numel
     if bits % 8 or bits // 8 != end - begin:
         raise SurgeryError(
-            f"{at}: {dtype} shape {shape} needs {bits / 8:g} bytes but data_offsets span {end - begin}"
+            f"{at}: {dtype} shape {_short(shape)} needs {bits / 8} bytes but data_offsets span {end - begin}"
         )
     return TensorHeader(name, dtype, tuple(shape), begin, end)
 

@@ -81,7 +81,10 @@ class Copy:
 
     def write(self, dst_fd: int, sources: Sources) -> None:
         for s in self.inputs:
-            copy_range(sources.fd(s), dst_fd, s.offset, s.length)
+            try:
+                copy_range(sources.fd(s), dst_fd, s.offset, s.length)
+            except SurgeryError as exc:
+                raise SurgeryError(f"{s.file}: {exc}") from None
 
     def iter_bytes(self, sources: Sources) -> Iterator[bytes]:
         """The same bytes as `write`, read into memory a bounded chunk at a time (for verification)."""

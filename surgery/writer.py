@@ -38,11 +38,14 @@ class OutputTensor:
 
 
 def shard_layout(tensors: list[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:
-    """Split greedily in order, as Hugging Face does; a tensor larger than the max gets a shard of its own."""
+    """Split greedily in order, exactly as huggingface_hub's split_torch_state_dict_into_shards does."""
     shards: list[list[OutputTensor]] = []
     current: list[OutputTensor] = []
     size = 0
     for t in tensors:
+        if t.nbytes > max_shard_bytes:  # as huggingface_hub: alone, before the shard being filled
+            shards.append([t])
+            continue
         if current and size + t.nbytes > max_shard_bytes:
             shards.append(current)
             current, size = [], 0
@@ -82,12 +85,13 @@ def write_checkpoint(
     shards = shard_layout(tensors, max_shard_bytes)
     names = shard_names(len(shards))
     temps = [folder / (name + TEMP_SUFFIX) for name in names]
-    finals = [folder / name for name in names]
     sources = Sources([t.producer for t in tensors])
+    created: list[Path] = []  # removed again on failure
     fds: list[int] = []
     try:
         slots = []
         for temp, shard in zip(temps, shards):
+            created.append(temp)
             fds.append(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
             slots += _write_header(fds[-1], data_order(shard))
         for tensor, fd, offset in sorted(slots, key=lambda slot: read_position(slot[0])):
@@ -95,14 +99,15 @@ def write_checkpoint(
             progress(tensor.nbytes)
         while fds:
             os.close(fds.pop())
-        for temp, final in zip(temps, finals):
-            os.replace(temp, final)
+        for i, (temp, name) in enumerate(zip(temps, names)):
+            os.replace(temp, folder / name)
+            created[i] = folder / name
         if len(shards) > 1:
+            created.append(folder / INDEX_NAME)
             _write_index(folder / INDEX_NAME, shards, names)
-            return names + [INDEX_NAME]
-        return names
+        return [p.name for p in created]
     except BaseException:
-        for path in [*temps, *finals, folder / INDEX_NAME]:
+        for path in created:
             path.unlink(missing_ok=True)
         raise
     finally:
