@@ -182,3 +182,17 @@ def test_demo(tmp_path):
     assert result.exit_code == 0, result.output
     assert "verified: 41 tensors" in result.output
     assert result.output.count("trainable params: ") == 2
+
+
+def test_plan_of_header_only_mistral_7b(tmp_path):
+    """The seed's numbers: Mistral-7B -> 4 experts is 7.24B -> 24.15B parameters, 12.88B active at top-2."""
+    from benchmarks.synthetic import write_synthetic
+
+    path = write_synthetic(tmp_path / "mistral-7b", layers=32, holes=True)
+    result = run("plan", path, *RECIPE[:-1])
+    assert result.exit_code == 0, result.output
+    assert "parameters: 7,241,732,096 -> 24,153,690,112 total (7.24B -> 24.15B)" in result.output
+    assert "12,879,400,960 active per token (12.88B)" in result.output
+    assert "48,307,380,224 bytes" in result.output
+    inspected = run("inspect", path)
+    assert inspected.output.strip() == "trainable params: 7.24B || all params: 7.24B || trainable%: 100.0000"
