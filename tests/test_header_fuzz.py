@@ -268,11 +268,10 @@ def test_lying_data_offsets(workdir, content, data):
 def test_lying_shape(workdir, content, data):
     header, payload = split(content)
     name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
-    # dimensions whose products stay inside 64 bits: overflowing shapes are known engine bugs with their own
-    # example tests below (test_example_astronomical_shape..., test_example_shape_overflowing_u64...)
     dims = st.one_of(
         st.integers(-3, 10),
         st.integers(-(2**62), 2**15),
+        st.integers(-(2**70), 2**70),
         st.booleans(),
         st.floats(),
         st.text(max_size=3),
