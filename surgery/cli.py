@@ -26,7 +26,7 @@ def parse_size(text: str) -> int:
     return int(number * scale)
 
 
-def _size_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
+def _size_option(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
     return parse_size(value)
 
 
