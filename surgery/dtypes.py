@@ -54,22 +54,24 @@ def itemsize(dtype: str) -> int:
 def to_f32(raw: bytes | bytearray | memoryview, dtype: str) -> np.ndarray:
     """Decode little-endian bytes of a float dtype into a float32 array."""
     if dtype == "BF16":
-        return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        words = np.frombuffer(raw, dtype="<u2").astype(np.uint32)
+        words <<= 16  # in place: no second full-size array
+        return words.view(np.float32)
     if dtype in ("F16", "F32", "F64"):
         return np.frombuffer(raw, dtype=_NUMPY[dtype]).astype(np.float32)
     raise SurgeryError(f"cannot compute with dtype {dtype}: only {', '.join(FLOATS)} are supported")
 
 
-def from_f32(values: np.ndarray, dtype: str) -> bytes:
+def from_f32(values: np.ndarray, dtype: str) -> memoryview:
     """Encode a float32 array as little-endian bytes of `dtype`; bf16 rounds to nearest even."""
     values = np.ascontiguousarray(values, dtype=np.float32)
     if dtype == "BF16":
         words = values.view(np.uint32)
         rounded = (words + (((words >> 16) & 1) + 0x7FFF)) >> 16
         quiet_nan = (words >> 16) | 0x0040
-        return np.where(np.isnan(values), quiet_nan, rounded).astype("<u2").tobytes()
+        return memoryview(np.where(np.isnan(values), quiet_nan, rounded).astype("<u2")).cast("B")
     if dtype in ("F16", "F32", "F64"):
-        return values.astype(_NUMPY[dtype]).tobytes()
+        return memoryview(values.astype(_NUMPY[dtype], copy=False)).cast("B")
     raise SurgeryError(f"cannot write computed values as {dtype}: only {', '.join(FLOATS)} are supported")
 
 

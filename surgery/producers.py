@@ -114,12 +114,16 @@ class Compute:
     def write(self, dst_fd: int, sources: Sources) -> None:
         for chunk in self.iter_bytes(sources):
             write_all(dst_fd, chunk)
+            del chunk  # let the chunk go before the next one is made: bounds peak memory
 
-    def iter_bytes(self, sources: Sources) -> Iterator[bytes]:
+    def iter_bytes(self, sources: Sources) -> Iterator[memoryview]:
         produced = 0
         for values in self.chunks(sources):
             produced += values.size
-            yield dtypes.from_f32(values, self.dtype)
+            encoded = dtypes.from_f32(values, self.dtype)
+            del values
+            yield encoded
+            del encoded
         if produced != self.numel:
             raise AssertionError(f"{self.label}: produced {produced} of {self.numel} elements")
 
