@@ -1,0 +1,244 @@
+"""What the memory and throughput benchmarks share: running a command while measuring its memory,
+the `surgery upcycle` command line, planned sizes, scratch folders, machine facts and result files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.synthetic import write_synthetic
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+#: scratch space on the same disk as the repository (git-ignored)
+DEFAULT_WORKDIR = RESULTS / "tmp"
+RECIPE = ["--rules", "mistral-to-mixtral", "--num-experts", "4", "--experts-per-token", "2"]
+MIB = 1 << 20
+#: free disk left untouched when deciding whether a depth fits
+DISK_MARGIN = 5 * 10**9
+
+
+@dataclass
+class RunStats:
+    """One measured run of a child process."""
+
+    wall_s: float
+    #: peak RSS of the child as the kernel accounts it (ru_maxrss from os.wait4 in the launcher)
+    maxrss_mib: float
+    #: peak RssAnon (anonymous memory: heap, numpy arrays) sampled from /proc/<pid>/status
+    rss_anon_mib: float
+    #: the last VmHWM (the kernel's high-water mark of the child's RSS) seen by the sampler: a cross-check
+    sampled_hwm_mib: float
+    samples: int
+    #: bytes the child read from and wrote to storage (ru_inblock / ru_oublock; cache hits are not reads)
+    disk_read_gb: float
+    disk_written_gb: float
+
+
+def surgery_command() -> list[str]:
+    """The installed `surgery` console script of this interpreter (one process, no shell shim in between)."""
+    script = Path(sys.executable).parent / "surgery"
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from surgery.cli import main; sys.exit(main())"]
+
+
+def upcycle_command(src: Path, dst: Path, extra: Sequence[str] = ()) -> list[str]:
+    """`surgery upcycle SRC DST` with the Mixtral recipe (4 experts, top-2), no progress bar."""
+    return [*surgery_command(), "upcycle", str(src), str(dst), *RECIPE, "--quiet", *extra]
+
+
+#: Runs argv[2:] with output to the file argv[1]; prints the child's pid, then its exit code, rusage and wall time.
+#: Linux starts a child's ru_maxrss at the RSS of the process that spawned it (exec records the old address
+#: space's high-water mark), so children of this ~40 MiB benchmark would never report less than ~40 MiB.
+#: This launcher (python -S, nothing imported) is ~10 MiB: the CLI's ru_maxrss is then its own.
+_LAUNCHER = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+print(pid, flush=True)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - start
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, usage.ru_inblock, usage.ru_oublock, wall, flush=True)
+"""
+
+
+def run_measured(cmd: list[str], log: Path, interval: float = 0.01) -> RunStats:
+    """Run `cmd` (output to `log`), sampling its /proc/<pid>/status every `interval` s; raise if it fails."""
+    peaks = {"RssAnon": 0, "VmHWM": 0, "samples": 0}
+    done = threading.Event()
+    launcher = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, str(log), *cmd], stdout=subprocess.PIPE, text=True)
+    pid = None
+    try:
+        pid = int(launcher.stdout.readline())
+        sampler = threading.Thread(target=_sample, args=(pid, interval, peaks, done), daemon=True)
+        sampler.start()
+        report = launcher.stdout.readline().split()
+        launcher.wait()
+    except BaseException:  # interrupted: stop the child before its files are removed
+        for victim in filter(None, (pid, launcher.pid)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        launcher.wait()
+        raise
+    finally:
+        done.set()
+    sampler.join()
+    code, maxrss_kib, inblock, oublock = map(int, report[:4])
+    if code != 0:
+        tail = log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{' '.join(cmd)} exited with {code}:\n{tail}")
+    return RunStats(float(report[4]), maxrss_kib / 1024, peaks["RssAnon"] / 1024, peaks["VmHWM"] / 1024,
+                    peaks["samples"], inblock * 512 / 1e9, oublock * 512 / 1e9)
+
+
+def _sample(pid: int, interval: float, peaks: dict[str, int], done: threading.Event) -> None:
+    path = f"/proc/{pid}/status"
+    while not done.is_set():
+        try:
+            with open(path) as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key in ("RssAnon", "VmHWM"):
+                        peaks[key] = max(peaks[key], int(value.split()[0]))  # kB
+            peaks["samples"] += 1
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        done.wait(interval)
+
+
+@contextlib.contextmanager
+def scratch(root: Path) -> Iterator[Path]:
+    """A fresh temporary folder under `root`, removed with everything in it however the block ends."""
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="surgery-bench-", dir=root))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass
+class Sizes:
+    """Planned sizes of an upcycle, from headers alone (a holes checkpoint: no data written)."""
+
+    source_bytes: int
+    output_bytes: int
+    output_params: int
+    copied_bytes: int
+
+    @property
+    def disk_needed(self) -> int:
+        return self.source_bytes + self.output_bytes
+
+
+def planned_sizes(layers: int, root: Path, dtype: str | None = None) -> Sizes:
+    """Source and output sizes of upcycling a `layers`-layer synthetic Mistral-7B (optionally cast to `dtype`)."""
+    import surgery
+    from surgery.producers import Copy
+
+    with scratch(root) as folder:
+        src = write_synthetic(folder / "src", layers=layers, holes=True)
+        plan = surgery.plan(src, "mistral-to-mixtral", 4, 2, dtype=dtype)
+        source_bytes = sum(t.nbytes for t in plan.source.tensors.values())
+        copied = sum(t.nbytes for t in plan.outputs if isinstance(t.producer, Copy))
+        return Sizes(source_bytes, plan.nbytes, plan.num_parameters, copied)
+
+
+def fits_on_disk(needed: int, root: Path) -> tuple[bool, str]:
+    """Whether `needed` bytes fit in `root`'s free space with DISK_MARGIN to spare, and a message saying so."""
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    message = f"needs {needed / 1e9:.1f} GB, {free / 1e9:.1f} GB free (keeping {DISK_MARGIN / 1e9:.0f} GB spare)"
+    return needed + DISK_MARGIN <= free, message
+
+
+def dir_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def drop_caches() -> bool:
+    """Write back dirty pages and drop the page cache (needs root); False if the kernel refused."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (a CI timeout, `kill`) into SystemExit, so `scratch` folders are still removed."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def machine() -> dict:
+    """Facts about the machine and the code measured (the `surgery` this interpreter imports), stored with results."""
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    fs = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(REPO)], capture_output=True, text=True)
+    import surgery
+
+    code = Path(surgery.__file__).resolve().parent.parent
+    commit = subprocess.run(["git", "-C", str(code), "describe", "--always", "--dirty"], capture_output=True, text=True)
+
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "ram_gib": round(int(meminfo["MemTotal"].split()[0]) / MIB, 1),
+        "swap_gib": round(int(meminfo["SwapTotal"].split()[0]) / MIB, 1),
+        "kernel": platform.release(),
+        "filesystem": fs.stdout.strip(),
+        "python": platform.python_version(),
+        "surgery": surgery.__version__,
+        "surgery_path": str(code),
+        "commit": commit.stdout.strip() or "unknown",
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def machine_line(facts: dict) -> str:
+    return (f"{facts['cpu']}, {facts['cpus']} CPUs, {facts['ram_gib']} GiB RAM, swap {facts['swap_gib']} GiB, "
+            f"Linux {facts['kernel']}, {facts['filesystem']}, Python {facts['python']}, "
+            f"surgery {facts['surgery']} @ {facts['commit']}, {facts['date']}")
+
+
+def write_results(out: Path, name: str, data: dict, markdown: str) -> list[Path]:
+    """Write `name`.json and `name`.md into `out`; return the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.json", out / f"{name}.md"]
+    paths[0].write_text(json.dumps(data, indent=2) + "\n")
+    paths[1].write_text(markdown)
+    return paths
+
+
+def layer_list(text: str) -> list[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8]"""
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def stats_dict(stats: RunStats) -> dict:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(stats).items()}
+
