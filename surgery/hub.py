@@ -81,6 +81,17 @@ class HubFiles:
             blob.unlink(missing_ok=True)
 
 
+def require_hub_client() -> None:
+    """Hub sources and pushes use huggingface_hub >= 1.0 (local sources work with any version)."""
+    from huggingface_hub import __version__
+
+    if int(__version__.split(".")[0]) < 1:
+        raise SurgeryError(
+            f"Hub repos need huggingface_hub >= 1.0, found {__version__} (transformers 4 pins it below 1.0): "
+            "upgrade with `pip install -U huggingface_hub transformers`, or download the repo and pass its folder"
+        )
+
+
 def open_hub_checkpoint(
     repo_id: str, revision: str | None = None, *, evict: bool = False, progress: bool = True
 ) -> Checkpoint:
@@ -90,6 +101,7 @@ def open_hub_checkpoint(
     and the headers of the shards it names are read (two HTTP range requests per shard not already cached);
     shards and side files are downloaded later, when the executor first needs them.
     """
+    require_hub_client()
     with _hub_errors(repo_id, revision, "resolving the revision"):
         commit, files = _resolve(repo_id, revision)
     store = HubFiles(repo_id, commit, evict=evict, progress=progress)
@@ -116,6 +128,7 @@ def open_hub_checkpoint(
 
 def check_push(repo_id: str) -> None:
     """Fail before any work when the output could not be pushed: a malformed repo id, offline mode, or no token."""
+    require_hub_client()
     from huggingface_hub import constants
     from huggingface_hub.utils import HFValidationError, get_token, validate_repo_id
 

@@ -391,3 +391,13 @@ def test_cli_honours_the_hf_environment_variables(hub, hf_cache, models, tmp_pat
     assert shard_blobs(tmp_path / "cache", shards) == []
     the_plan = surgery.plan(models[SHA_MAIN], **RECIPE)
     assert verify(the_plan, out) == len(the_plan.tensors)
+
+
+def test_old_huggingface_hub_gives_a_clear_error(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "__version__", "0.36.2")
+    with pytest.raises(SurgeryError, match="need huggingface_hub >= 1.0, found 0.36.2"):
+        open_source(REPO)
+    with pytest.raises(SurgeryError, match="need huggingface_hub >= 1.0"):
+        surgery.upcycle("unused", "unused-dst", **RECIPE, push_to_hub="me/moe")
