@@ -158,7 +158,7 @@ class _Planner:
         """Outputs in natural name order (`layers.9` before `layers.10`), whatever the source's layout."""
         planned: list[PlannedTensor] = []
         rules = [(rule, rule.pattern) for rule in self.rules.tensors]
-        for info in sorted(self.source.tensors.values(), key=lambda t: (t.file, t.offset)):
+        for info in self.source.tensors.values():
             hits = [(rule, m) for rule, pattern in rules if (m := pattern.fullmatch(info.name))]
             if not any(not rule.is_new for rule, _ in hits):
                 planned.append(PlannedTensor(self._copy(info, info.name), info.name, "unchanged"))
@@ -197,17 +197,15 @@ class _Planner:
         for index in free:
             count = self._int(index.count, f"indices.{index.name}.count")
             ranges.append(range(count))
-            if index.active is not None:
+            if index.active is not None and count:
                 share *= Fraction(self._int(index.active, f"indices.{index.name}.active"), count)
         return [({**values, **dict(zip((i.name for i in free), combo))}, share) for combo in itertools.product(*ranges)]
 
     def _copy(self, info: TensorInfo, name: str) -> OutputTensor:
         segment = Segment(self.source.files, info.file, info.offset, info.nbytes)
         target = self.options.dtype
-        producer: Producer
         if target and info.dtype in dtypes.FLOATS and info.dtype != target:
-            producer = cast(segment, info.dtype, target, info.numel)
-            return OutputTensor(name, target, info.shape, producer)
+            return OutputTensor(name, target, info.shape, cast(segment, info.dtype, target, info.numel))
         return OutputTensor(name, info.dtype, info.shape, Copy((segment,)))
 
     def _init(self, rule: TensorRule, name: str, shape: tuple[int, ...], dtype: str, names: dict) -> Producer:
