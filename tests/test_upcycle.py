@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -142,13 +143,20 @@ def test_router_values_do_not_depend_on_shard_layout(mistral, tmp_path):
 
 
 def test_output_folder_has_side_files_and_model_card(mistral, tmp_path):
-    out = surgery.upcycle(mistral, tmp_path / "moe", "mistral-to-mixtral", 4, 2, progress=False, seed=5)
-    assert (out / "generation_config.json").read_bytes() == (mistral / "generation_config.json").read_bytes()
+    src = shutil.copytree(mistral, tmp_path / "src")
+    (src / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    (src / "tokenizer_config.json").write_text('{"bos_token": "<s>"}')
+    (src / "notes.txt").write_text("not part of the model")
+    out = surgery.upcycle(src, tmp_path / "moe", "mistral-to-mixtral", 4, 2, progress=False, seed=5,
+                          max_shard_size=30_000)
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    assert not (out / "notes.txt").exists()
     card = (out / "README.md").read_text()
     dense_params = sum(v.size for v in read_all(mistral).values())
     moe_params = sum(v.size for v in read_all(out).values())
     assert f"{dense_params:,}" in card and f"{moe_params:,}" in card
-    assert "mistral-to-mixtral" in card and '"seed": 5' in card and str(mistral) in card
-    index = json.loads((out / "model.safetensors.index.json").read_text()) if (out / "model.safetensors.index.json").exists() else None
-    assert index is None or index["metadata"]["total_parameters"] == moe_params
+    assert "mistral-to-mixtral" in card and '"seed": 5' in card and str(src) in card
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_parameters"] == moe_params and len(set(index["weight_map"].values())) > 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folder left behind"
