@@ -90,7 +90,7 @@ def model_card(plan: Plan, command: str | None = None) -> str:
         "---",
         f"# {plan.config.get('model_type')} upcycled from {src.location}",
         "",
-        f"Sparse upcycling (arXiv 2212.05055) with [surgery](https://pypi.org/project/surgery/) "
+        f"Sparse upcycling (arXiv 2212.05055) with surgery "
         f"rule file `{plan.rules.name}`: {plan.rules.description}",
         "",
         "| | parameters |",
