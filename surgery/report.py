@@ -87,6 +87,7 @@ def model_card(plan: Plan, command: str | None = None) -> str:
     lines = [
         "---",
         "tags: [moe, upcycled, surgery]",
+        *([f"base_model: {src.location}"] if src.revision else []),  # a Hub source: link the model back to it
         "---",
         f"# {plan.config.get('model_type')} upcycled from {src.location}",
         "",

@@ -142,6 +142,7 @@ def test_upcycle_from_a_branch_reproduces_dense_and_fetches_only_what_is_needed(
     assert (logits(moe) - dense_logits[SHA_MAIN]).abs().max().item() <= 1e-5
     card = (out / "README.md").read_text()
     assert f'"source": "{REPO}"' in card and f'"source_revision": "{SHA_MAIN}"' in card
+    assert card.split("---")[1].splitlines()[-1] == f"base_model: {REPO}"
     assert (out / "tokenizer.json").read_bytes() == SIDE["tokenizer.json"]
 
     file_requests = [r for r in hub.log if r.file is not None]
