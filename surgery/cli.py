@@ -146,13 +146,18 @@ def inspect(path: str) -> None:
 @click.argument("src")
 @click.argument("dst")
 @recipe_options
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @friendly_errors
-def verify(src: str, dst: str, rules: str, **kwargs) -> None:
+def verify(src: str, dst: str, rules: str, quiet: bool, **kwargs) -> None:
     """Check that DST holds exactly what upcycling SRC with these options produces, byte for byte."""
+    from tqdm.auto import tqdm
+
     from .api import plan as make
     from .verify import verify as check
 
-    count = check(make(src, rules, **_recipe(kwargs)), dst)
+    the_plan = make(src, rules, **_recipe(kwargs))
+    with tqdm(total=the_plan.nbytes, unit="B", unit_scale=True, desc="verifying", disable=quiet) as bar:
+        count = check(the_plan, dst, bar.update)
     click.echo(f"verified: {count} tensors in {dst} match the plan byte for byte")
 
 

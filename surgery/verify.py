@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .checkpoint import open_checkpoint
@@ -11,8 +12,11 @@ from .plan import Plan
 from .producers import Sources
 
 
-def verify(plan: Plan, dst: str | os.PathLike) -> int:
-    """Compare `dst` with what `plan` produces, streaming; return the number of tensors checked."""
+def verify(plan: Plan, dst: str | os.PathLike, progress: Callable[[int], None] = lambda n: None) -> int:
+    """Compare `dst` with what `plan` produces, streaming; return the number of tensors checked.
+
+    `progress` is called with the byte count of each tensor checked.
+    """
     output = open_checkpoint(dst)
     planned = {p.tensor.name: p.tensor for p in plan.tensors}
     extra = sorted(set(output.tensors) - set(planned))
@@ -33,6 +37,7 @@ def verify(plan: Plan, dst: str | os.PathLike) -> int:
                     if f.read(len(chunk)) != chunk:
                         raise SurgeryError(f"{dst}: {name} does not hold the planned bytes")
             sources.finished(tensor.producer)
+            progress(tensor.nbytes)
     finally:
         sources.close()
     return len(planned)

@@ -38,7 +38,7 @@ def test_upcycle_then_inspect_and_verify(src, tmp_path):
     inspected = run("inspect", tmp_path / "out")
     assert inspected.exit_code == 0
     assert inspected.output.startswith("trainable params: ") and "|| trainable%: 100.0000" in inspected.output
-    verified = run("verify", src, tmp_path / "out", *RECIPE[:-1])
+    verified = run("verify", src, tmp_path / "out", *RECIPE)
     assert verified.exit_code == 0 and "verified" in verified.output
 
 
@@ -48,7 +48,7 @@ def test_verify_detects_a_changed_byte(src, tmp_path):
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0x01
     shard.write_bytes(bytes(data))
-    assert_one_line_error(run("verify", src, tmp_path / "out", *RECIPE[:-1]), "does not hold the planned bytes")
+    assert_one_line_error(run("verify", src, tmp_path / "out", *RECIPE), "does not hold the planned bytes")
 
 
 BAD_OPTIONS = [
