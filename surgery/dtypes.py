@@ -51,28 +51,87 @@ def itemsize(dtype: str) -> int:
     return max(1, BITS[dtype] // 8)
 
 
-def to_f32(raw: bytes | bytearray | memoryview, dtype: str) -> np.ndarray:
-    """Decode little-endian bytes of a float dtype into a float32 array."""
+#: largest finite value of each float dtype; larger values round to inf
+LARGEST = {
+    "F16": 65504.0, "BF16": float.fromhex("0x1.fep127"),
+    "F32": float(np.finfo(np.float32).max), "F64": float(np.finfo(np.float64).max),
+}
+
+
+def decode(raw: bytes | bytearray | memoryview, dtype: str) -> np.ndarray:
+    """Decode little-endian bytes of a float dtype, exactly: float64 for F64, float32 for the narrower ones."""
     if dtype == "BF16":
         words = np.frombuffer(raw, dtype="<u2").astype(np.uint32)
         words <<= 16  # in place: no second full-size array
         return words.view(np.float32)
-    if dtype in ("F16", "F32", "F64"):
-        return np.frombuffer(raw, dtype=_NUMPY[dtype]).astype(np.float32)
+    if dtype in _NUMPY:
+        return np.frombuffer(raw, dtype=_NUMPY[dtype]).astype(np.float64 if dtype == "F64" else np.float32)
     raise SurgeryError(f"cannot compute with dtype {dtype}: only {', '.join(FLOATS)} are supported")
 
 
-def from_f32(values: np.ndarray, dtype: str) -> memoryview:
-    """Encode a float32 array as little-endian bytes of `dtype`; bf16 rounds to nearest even."""
-    values = np.ascontiguousarray(values, dtype=np.float32)
+def encode(values: np.ndarray, dtype: str) -> memoryview:
+    """Round float32 or float64 values once, to nearest even, to little-endian bytes of `dtype`.
+
+    inf and NaN pass through; a finite value that would become inf raises SurgeryError.
+    """
+    if dtype not in FLOATS:
+        raise SurgeryError(f"cannot write computed values as {dtype}: only {', '.join(FLOATS)} are supported")
+    values = np.ascontiguousarray(values, dtype=np.float64 if values.dtype == np.float64 else np.float32)
     if dtype == "BF16":
-        words = values.view(np.uint32)
-        rounded = (words + (((words >> 16) & 1) + 0x7FFF)) >> 16
-        quiet_nan = (words >> 16) | 0x0040
-        return memoryview(np.where(np.isnan(values), quiet_nan, rounded).astype("<u2")).cast("B")
-    if dtype in ("F16", "F32", "F64"):
-        return memoryview(values.astype(_NUMPY[dtype], copy=False)).cast("B")
-    raise SurgeryError(f"cannot write computed values as {dtype}: only {', '.join(FLOATS)} are supported")
+        encoded = _bf16_words(values)
+    else:
+        with np.errstate(over="ignore"):  # overflow is reported below, with what to do
+            encoded = values.astype(_NUMPY[dtype], copy=False)  # numpy rounds float64 -> float16 directly
+    if LARGEST[dtype] < float(np.finfo(values.dtype).max):  # else nothing can overflow
+        _check_overflow(values, encoded, dtype)
+    return memoryview(encoded).cast("B")
+
+
+def _bf16_words(values: np.ndarray) -> np.ndarray:
+    """bf16 bits as little-endian uint16, a block at a time: its temporaries stay small and in cache."""
+    out = np.empty(values.size, dtype="<u2")
+    for start in range(0, values.size, _BLOCK):
+        out[start:start + _BLOCK] = _bf16_block(values[start:start + _BLOCK])
+    return out
+
+
+def _bf16_block(values: np.ndarray) -> np.ndarray:
+    """Upper halves of float32 rounded to nearest even; NaN kept quiet."""
+    words = _round_to_odd_f32(values) if values.dtype == np.float64 else values.view(np.uint32)
+    rounded = (words + (((words >> 16) & 1) + 0x7FFF)) >> 16
+    quiet_nan = (words >> 16) | 0x0040
+    return np.where(np.isnan(words.view(np.float32)), quiet_nan, rounded)
+
+
+def _round_to_odd_f32(values: np.ndarray) -> np.ndarray:
+    """float32 bits of float64 values rounded to odd: truncated, the last bit set if inexact (or NaN).
+
+    With 16 more bits than bf16, rounding this to nearest even rounds as if directly from float64.
+    """
+    with np.errstate(over="ignore"):
+        narrow = values.astype(np.float32)
+    wide = narrow.astype(np.float64)
+    words = narrow.view(np.uint32)
+    words -= np.where(np.signbit(values), wide < values, wide > values)  # rounded away from zero: step back
+    words |= wide != values
+    return words
+
+
+def _check_overflow(values: np.ndarray, encoded: np.ndarray, dtype: str) -> None:
+    """Raise SurgeryError if a finite value became inf; element by element only if some value exceeds the largest."""
+    largest = LARGEST[dtype]
+    if not values.size or (np.fmax.reduce(values) <= largest and np.fmin.reduce(values) >= -largest):
+        return
+    became_inf = (encoded & 0x7FFF) == 0x7F80 if dtype == "BF16" else np.isinf(encoded)
+    overflow = values[became_inf & np.isfinite(values)]
+    if overflow.size:
+        worst = float(overflow[np.argmax(np.abs(overflow))])
+        raise SurgeryError(
+            f"values {'up' if worst > 0 else 'down'} to {worst:.3g} do not fit in {dtype} (largest {largest:.5g}); "
+            "use a wider --dtype"
+        )
 
 
 _NUMPY = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
+#: elements per block of a multi-step encoding
+_BLOCK = 1 << 15

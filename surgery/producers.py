@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
+import math
+import numbers
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from . import dtypes
 from .checkpoint import FileStore
 from .copying import copy_range, write_all
 from .errors import SurgeryError
+from .randomness import RandomStream, check_seed
 
 #: elements per computed chunk: bounds the memory of every computation (16 MiB as fp32)
 CHUNK_ELEMENTS = 4 << 20
@@ -99,7 +101,7 @@ class Copy:
 
 @dataclass(frozen=True)
 class Compute:
-    """Values made chunk by chunk as float32, encoded to `dtype`; `chunks` yields arrays in row-major order."""
+    """Values made chunk by chunk, encoded to `dtype`; `chunks` yields float32 or float64 arrays in row-major order."""
 
     dtype: str
     numel: int
@@ -120,7 +122,7 @@ class Compute:
         produced = 0
         for values in self.chunks(sources):
             produced += values.size
-            encoded = dtypes.from_f32(values, self.dtype)
+            encoded = dtypes.encode(values, self.dtype)
             del values
             yield encoded
             del encoded
@@ -140,7 +142,7 @@ def cast(segment: Segment, src_dtype: str, dst_dtype: str, numel: int) -> Comput
 
     def chunks(sources: Sources) -> Iterator[np.ndarray]:
         for start in range(0, segment.length, step):
-            yield dtypes.to_f32(sources.read(segment, start, min(step, segment.length - start)), src_dtype)
+            yield dtypes.decode(sources.read(segment, start, min(step, segment.length - start)), src_dtype)
 
     return Compute(dst_dtype, numel, chunks, f"cast {src_dtype}->{dst_dtype}", (segment,))
 
@@ -149,26 +151,35 @@ INITS = ("normal", "zeros", "uniform")
 
 
 def random_init(kind: str, scale: float, dtype: str, numel: int, seed: int, key: str) -> Compute:
-    """A new tensor: normal(0, scale), uniform(-scale, scale) or zeros, seeded by (seed, key)."""
+    """A new tensor: normal(0, scale), uniform(-scale, scale) or zeros, drawn from RandomStream(seed, key)."""
     if kind not in INITS:
         raise SurgeryError(f"unknown init {kind!r}: use one of {', '.join(INITS)}")
+    try:
+        check_seed(seed)
+    except ValueError as exc:
+        raise SurgeryError(str(exc)) from None
+    if not isinstance(scale, numbers.Real) or not (math.isfinite(scale) and scale >= 0):
+        raise SurgeryError(f"{kind} init of {key!r}: the scale must be a finite number >= 0, got {scale!r}")
+    scale = float(scale)
 
     def chunks(_: Sources) -> Iterator[np.ndarray]:
-        rng = rng_for(seed, key)
+        stream = RandomStream(seed, key)
         for start in range(0, numel, CHUNK_ELEMENTS):
-            n = min(CHUNK_ELEMENTS, numel - start)
-            if kind == "normal":
-                yield rng.standard_normal(n, dtype=np.float32) * np.float32(scale)
-            elif kind == "uniform":
-                yield rng.uniform(-scale, scale, n).astype(np.float32)
-            else:
-                yield np.zeros(n, dtype=np.float32)
+            yield _draw(stream, kind, scale, min(CHUNK_ELEMENTS, numel - start))
 
     label = "zeros" if kind == "zeros" else f"{kind}({scale:g})"
     return Compute(dtype, numel, chunks, label)
 
 
-def rng_for(seed: int, key: str) -> np.random.Generator:
-    """A generator that depends only on the seed and a key (e.g. a tensor name), never on write order."""
-    words = np.frombuffer(hashlib.sha256(key.encode()).digest()[:16], dtype="<u4")
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *words.tolist()])))
+def _draw(stream: RandomStream, kind: str, scale: float, n: int) -> np.ndarray:
+    """The next `n` values of an init (float64, rounded once when encoded)."""
+    if kind == "zeros":
+        return np.zeros(n, dtype=np.float32)
+    if kind == "normal":
+        values = stream.normal(n)
+    else:
+        values = stream.uniform(n)
+        values *= 2.0
+        values -= 1.0  # exact: uniform in [-1, 1)
+    values *= scale
+    return values
