@@ -7,10 +7,10 @@
 
 __version__ = "0.1.0"
 
-from .api import plan, upcycle  # noqa: E402
+from .api import assemble, plan, upcycle  # noqa: E402
 from .checkpoint import open_checkpoint  # noqa: E402
 from .errors import SurgeryError  # noqa: E402
 from .plan import Options  # noqa: E402
 from .rules import load_rules  # noqa: E402
 
-__all__ = ["Options", "SurgeryError", "load_rules", "open_checkpoint", "plan", "upcycle"]
+__all__ = ["Options", "SurgeryError", "assemble", "load_rules", "open_checkpoint", "plan", "upcycle"]

@@ -8,8 +8,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .execute import execute
-from .hub import check_push, open_hub_checkpoint, parse_repo_id, push
+from .execute import assemble as assemble_output, execute, parse_part
+from .hub import RepoUnavailable, check_push, open_hub_checkpoint, parse_repo_id, push
 from .plan import Options, Plan, make_plan
 from .rules import RuleFile
 
@@ -20,12 +20,17 @@ def open_source(
     """A local folder or .safetensors file, or a Hub repo id `org/name[@revision]` (a local path that exists wins).
 
     For a Hub repo, `evict_source` deletes each shard it downloads from the cache after its last use, and
-    `progress` shows download bars.
+    `progress` shows download bars. If the Hub does not have it either, the error says both (a mistyped local
+    path may look like a repo id).
     """
     if isinstance(src, Checkpoint):
         return src
     if isinstance(src, str) and not Path(src).exists() and (repo := parse_repo_id(src)):
-        return open_hub_checkpoint(*repo, evict=evict_source, progress=progress)
+        try:
+            return open_hub_checkpoint(*repo, evict=evict_source, progress=progress)
+        except RepoUnavailable as exc:
+            reason = str(exc).removeprefix(f"{src}: ").removeprefix(f"{repo[0]}: ")
+            raise RepoUnavailable(f"{src}: no such local file or folder; as a Hub repo id: {reason}") from exc
     return open_checkpoint(src)
 
 
@@ -53,22 +58,46 @@ def upcycle(
     evict_source: bool = False,
     push_to_hub: str | None = None,
     private: bool | None = None,
+    resume: bool | str = False,
+    shards: str | tuple[int, int] | None = None,
     **options: object,
-) -> Path:
+) -> Path | None:
     """Upcycle `src` into `dst` with a rule file (built-in name or path); returns the output folder.
 
     `src` may be a Hub repo id `org/name[@revision]`: each of its shards is downloaded when first needed, and
     with `evict_source` each is deleted from the cache after its last use. `push_to_hub="org/name"` uploads `dst`
     once it is complete (creating the repo, private if `private`).
+    `resume=True` (or "verify") continues an interrupted run from the shards it completed. `shards="i/n"` writes
+    only worker i's share of the output shards; the worker that completes the set assembles the output (the
+    others return None), or call `assemble` at the end.
     Options: router_init ("normal", "zeros", "uniform"), router_std, seed, dtype ("bf16", ...),
     max_shard_size (bytes).
     """
     if push_to_hub:
         check_push(push_to_hub)
+    part = parse_part(shards) if isinstance(shards, str) else shards
     source = open_source(src, evict_source=evict_source, progress=progress)
     the_plan = plan(source, rules, num_experts, experts_per_token, **options)
     with tqdm(total=the_plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=not progress) as bar:
-        out = execute(the_plan, dst, overwrite=overwrite, progress=bar.update, command=command)
-    if push_to_hub:
+        out = execute(the_plan, dst, overwrite=overwrite, progress=bar.update, command=command, resume=resume,
+                      part=part)
+    if push_to_hub and out is not None:
         push(out, push_to_hub, private)
     return out
+
+
+def assemble(
+    src: str | os.PathLike | Checkpoint,
+    dst: str | os.PathLike,
+    rules: str | os.PathLike | RuleFile,
+    num_experts: int,
+    experts_per_token: int,
+    *,
+    overwrite: bool = False,
+    command: str | None = None,
+    **options: object,
+) -> Path:
+    """Finish an output that workers wrote with `upcycle(..., shards="i/n")`: check every shard, write the index,
+    config, side files and model card, and swap the result into `dst`. Takes the same recipe as the workers."""
+    the_plan = plan(open_source(src), rules, num_experts, experts_per_token, **options)
+    return assemble_output(the_plan, dst, overwrite=overwrite, command=command)

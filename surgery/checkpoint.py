@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .errors import SurgeryError
+from .errors import SurgeryError, os_error
 from .header import FileHeader, header_length, parse_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -51,6 +51,12 @@ class FileStore(Protocol):
     def release(self, name: str) -> None:
         """Tell the store a file is no longer needed (a remote store may evict it)."""
 
+    def roots(self) -> list[Path]:
+        """Folders an output must neither be, hold, nor lie inside (e.g. a download cache)."""
+
+    def local_path(self, name: str) -> Path | None:
+        """Where a file already is on this machine without fetching it; None for a remote file."""
+
 
 @dataclass(frozen=True)
 class LocalFiles:
@@ -61,6 +67,12 @@ class LocalFiles:
 
     def release(self, name: str) -> None:
         pass
+
+    def roots(self) -> list[Path]:
+        return []
+
+    def local_path(self, name: str) -> Path | None:
+        return self.folder / name
 
 
 @dataclass
@@ -77,6 +89,38 @@ class Checkpoint:
     @property
     def num_parameters(self) -> int:
         return sum(t.numel for t in self.tensors.values())
+
+    def file_names(self) -> list[str]:
+        """Every file of the checkpoint that is used: weight shards, side files, config and index."""
+        return sorted({t.file for t in self.tensors.values()} | set(self.side_files) | {"config.json", INDEX_NAME})
+
+    def protected_paths(self) -> list[Path]:
+        """Real paths (links resolved) of the source folder and the files read from it: an output must not be or
+        hold any of them."""
+        local = [self.files.local_path(name) for name in self.file_names()]
+        folders = {path.parent for path in local if path is not None}
+        return sorted({p.resolve() for p in folders | {p for p in local if p is not None}})
+
+    def check_readable(self) -> None:
+        """Fail now, before anything is written, if a local weight or side file cannot be opened."""
+        for name in sorted({t.file for t in self.tensors.values()} | set(self.side_files)):
+            path = self.files.local_path(name)
+            if path is None:
+                continue
+            try:
+                os.close(os.open(path, os.O_RDONLY))
+            except OSError as exc:
+                raise os_error(exc, path) from None
+
+    def identity(self) -> list[tuple[str, int, int]]:
+        """(name, size, mtime) of every local weight file: tells whether the source changed between two runs."""
+        out = []
+        for name in sorted({t.file for t in self.tensors.values()}):
+            path = self.files.local_path(name)
+            if path is not None:
+                st = os.stat(path)
+                out.append((name, st.st_size, st.st_mtime_ns))
+        return out
 
     @property
     def dominant_dtype(self) -> str:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from .errors import SurgeryError
+from .errors import SurgeryError, os_error
+from .signals import Interrupted
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
@@ -55,14 +56,26 @@ def _recipe(kwargs: dict) -> dict:
     return {k: kwargs.pop(k) for k in keys}
 
 
+class _Failure(click.ClickException):
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def friendly_errors(command):
-    """Show SurgeryError as one line and exit 1."""
+    """Show errors as one line: SurgeryError and OS errors exit 1, interrupts exit 128 + the signal number."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except SurgeryError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise _Failure(str(exc)) from None
+        except OSError as exc:
+            raise _Failure(str(os_error(exc))) from None
+        except Interrupted as exc:
+            raise _Failure(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise _Failure("interrupted", 130) from None
     return wrapper
 
 
@@ -86,14 +99,22 @@ def main() -> None:
               help="Hub SRC: delete each source shard this run downloads from the cache after its last use.")
 @click.option("--push-to-hub", metavar="ORG/NAME", help="Upload DST to this Hub repo (created if needed) once complete.")
 @click.option("--private", is_flag=True, help="Create the --push-to-hub repo as private.")
+@click.option("--resume", type=click.Choice(["check", "verify"]), is_flag=False, flag_value="check", default=None,
+              help="Continue an interrupted run from the shards it completed (checked by header and size; "
+                   "--resume=verify re-reads their bytes). A failed run started with --resume keeps its shards.")
+@click.option("--shards", "part", metavar="I/N",
+              help="Write only worker I's share of the N-way split of the output shards (for a job array); the "
+                   "worker that completes the set assembles DST, or run `surgery assemble` at the end.")
 @friendly_errors
 def upcycle(src: str, dst: Path, rules: str, overwrite: bool, quiet: bool, evict_source: bool,
-            push_to_hub: str | None, private: bool, **kwargs) -> None:
+            push_to_hub: str | None, private: bool, resume: str | None, part: str | None, **kwargs) -> None:
     """Upcycle the dense checkpoint SRC into an MoE checkpoint in DST.
 
     SRC is a checkpoint folder, a .safetensors file or a Hub repo id ORG/NAME[@REVISION] (branch, tag or
     commit; each shard is downloaded when first needed). DST receives safetensors shards, the index,
-    config.json, tokenizer files and a model card; nothing appears there until all is written.
+    config.json, tokenizer files and a model card. Nothing appears there until all is written: the output
+    is assembled in a hidden folder beside DST and swapped in at the end, and an existing DST is replaced
+    (with --overwrite) only then. Ctrl-C, SIGTERM and SIGHUP stop cleanly.
     """
     from .api import upcycle as run
 
@@ -101,10 +122,33 @@ def upcycle(src: str, dst: Path, rules: str, overwrite: bool, quiet: bool, evict
         raise click.UsageError("--private only applies with --push-to-hub")
     out = run(src, dst, rules, overwrite=overwrite, progress=not quiet,
               command=shlex.join(["surgery", *sys.argv[1:]]), evict_source=evict_source,
-              push_to_hub=push_to_hub, private=private or None, **_recipe(kwargs))
+              push_to_hub=push_to_hub, private=private or None, resume={"check": True}.get(resume, resume or False),
+              shards=part, **_recipe(kwargs))
+    if out is None:
+        click.echo(f"wrote worker {part}'s shards; the worker that completes the set assembles {dst} "
+                   "(or run `surgery assemble` with the same arguments)")
+        return
     click.echo(f"wrote {out}")
     if push_to_hub:
         click.echo(f"pushed to {push_to_hub}")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
+@recipe_options
+@click.option("--overwrite", is_flag=True, help="Replace DST if it is a non-empty folder (only once the output is complete).")
+@friendly_errors
+def assemble(src: str, dst: Path, rules: str, overwrite: bool, **kwargs) -> None:
+    """Finish DST from the shards that `upcycle --shards I/N` workers wrote.
+
+    Takes the same SRC, DST and recipe options as the workers; checks that every shard is complete, then
+    writes the index, config, tokenizer files and model card and swaps the result into DST.
+    """
+    from .api import assemble as run
+
+    out = run(src, dst, rules, overwrite=overwrite, command=shlex.join(["surgery", *sys.argv[1:]]), **_recipe(kwargs))
+    click.echo(f"wrote {out}")
 
 
 @main.command()

@@ -1,7 +1,8 @@
 """Moving byte ranges between files without them entering Python memory.
 
 The chain: `os.copy_file_range` (in-kernel, may reflink), then `os.sendfile`, then a fixed-size buffer.
-A method that the kernel or filesystem refuses, or that stops early, hands the rest to the next one.
+A method that the kernel or filesystem refuses for any reason but a real I/O failure, or that stops early,
+hands the rest to the next one (macOS has no copy_file_range, and its sendfile fails with ENOTSOCK).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from .errors import SurgeryError
 BUFFER_BYTES = 4 << 20
 #: one call moves at most this much, so a refused or interrupted call wastes little
 CALL_BYTES = 1 << 30
-_FALLBACK_ERRNOS = {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EBADF}
+#: failures of the disk itself: another method would meet them too, so they end the copy
+IO_FAILURES = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG}
 
 
 def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
@@ -61,7 +63,7 @@ def _loop(call, offset: int, length: int, fallback: bool = True) -> int:
         except AttributeError:  # the platform lacks this call
             return done
         except OSError as exc:
-            if fallback and exc.errno in _FALLBACK_ERRNOS:
+            if fallback and exc.errno not in IO_FAILURES:
                 return done
             raise
         if moved <= 0:

@@ -6,12 +6,15 @@ HF_ENDPOINT, HF_HUB_OFFLINE). It is imported inside functions to keep the CLI's 
 
 from __future__ import annotations
 
+import importlib
+import os
 import re
 import shlex
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 from .checkpoint import (
     INDEX_NAME,
@@ -30,6 +33,9 @@ from .header import FileHeader, header_length, parse_header
 
 _REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>\S+))?")
 _LOGIN = "log in with `hf auth login` or set HF_TOKEN"
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+#: the first huggingface_hub that resumes a download whose connection was cut mid-file
+_MIN_CLIENT = (1, 20)
 
 
 def parse_repo_id(text: str) -> tuple[str, str | None] | None:
@@ -38,13 +44,18 @@ def parse_repo_id(text: str) -> tuple[str, str | None] | None:
     return (match["repo"], match["revision"]) if match else None
 
 
+class RepoUnavailable(SurgeryError):
+    """The Hub did not give the repo at all (not found, unreachable, offline and not cached, invalid id, client too
+    old), so the text may not have been meant as a repo id."""
+
+
 @dataclass(eq=False)
 class HubFiles:
     """The files of a Hub repository at one commit, downloaded into the huggingface_hub cache on first use.
 
     `sizes` maps each weight shard to its size when its header was read: a download must match it, since the
-    plan's offsets come from that header. With `evict`, a shard this store downloaded (not one that was already
-    cached) is deleted from the cache when released.
+    plan's offsets come from that header. With `evict`, releasing a shard removes from the cache what its download
+    added: the snapshot entry, and the blob if it was new and no other snapshot (of any revision) links to it.
     """
 
     repo_id: str
@@ -52,13 +63,15 @@ class HubFiles:
     sizes: dict[str, int] = field(default_factory=dict)
     evict: bool = False
     progress: bool = True
-    _downloaded: dict[str, Path] = field(default_factory=dict, repr=False)
+    _added: dict[str, tuple[Path, Path | None]] = field(default_factory=dict, repr=False)
 
     def fetch(self, name: str) -> Path:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.utils import silent_tqdm
 
-        fresh = self.evict and name in self.sizes and _cached(self.repo_id, self.commit, name) is None
+        storage = _repo_cache(self.repo_id)
+        track = self.evict and name in self.sizes and not os.path.lexists(storage / "snapshots" / self.commit / name)
+        blobs_before = _blob_names(storage) if track else set()
         with _hub_errors(self.repo_id, self.commit, f"downloading {name}"):
             path = Path(hf_hub_download(
                 self.repo_id, name, revision=self.commit, tqdm_class=None if self.progress else silent_tqdm
@@ -69,26 +82,38 @@ class HubFiles:
                 f"{self.repo_id}@{self.commit}: {name} in the cache ({path}) has {actual} bytes, but its header "
                 f"was read from a {expected}-byte file; delete it and run again"
             )
-        if fresh:
-            self._downloaded[name] = path
+        if track:
+            blob = _linked_blob(path, storage)
+            self._added[name] = (path, blob if blob is not None and blob.name not in blobs_before else None)
         return path
 
+    def roots(self) -> list[Path]:
+        return [_repo_cache(self.repo_id).resolve()]
+
+    def local_path(self, name: str) -> Path | None:
+        return None  # fetched on first use, pinned to the commit
+
     def release(self, name: str) -> None:
-        path = self._downloaded.pop(name, None)
-        if path is not None:  # the snapshot entry is a symlink to the blob holding the bytes: remove both
-            blob = path.resolve()
-            path.unlink(missing_ok=True)
+        if name not in self._added:
+            return
+        entry, blob = self._added.pop(name)
+        entry.unlink(missing_ok=True)
+        if blob is not None and not _is_linked(_repo_cache(self.repo_id), blob):
             blob.unlink(missing_ok=True)
 
 
 def require_hub_client() -> None:
-    """Hub sources and pushes use huggingface_hub >= 1.0 (local sources work with any version)."""
+    """Hub sources and pushes need huggingface_hub >= 1.20 (local sources work with any version).
+
+    Every name used here exists from 1.0 on, but before 1.20 a download cut off mid-file is not resumed.
+    """
     from huggingface_hub import __version__
 
-    if int(__version__.split(".")[0]) < 1:
+    if _version(__version__) < _MIN_CLIENT:
         raise SurgeryError(
-            f"Hub repos need huggingface_hub >= 1.0, found {__version__} (transformers 4 pins it below 1.0): "
-            "upgrade with `pip install -U huggingface_hub transformers`, or download the repo and pass its folder"
+            f"Hub repos need huggingface_hub >= {'.'.join(map(str, _MIN_CLIENT))}, found {__version__} "
+            "(transformers 4 pins it below 1.0): upgrade with `pip install -U huggingface_hub transformers`, "
+            "or download the repo and pass its folder"
         )
 
 
@@ -101,9 +126,12 @@ def open_hub_checkpoint(
     and the headers of the shards it names are read (two HTTP range requests per shard not already cached);
     shards and side files are downloaded later, when the executor first needs them.
     """
-    require_hub_client()
-    with _hub_errors(repo_id, revision, "resolving the revision"):
-        commit, files = _resolve(repo_id, revision)
+    try:
+        require_hub_client()
+        with _hub_errors(repo_id, revision, "resolving the revision"):
+            commit, files = _resolve(repo_id, revision)
+    except SurgeryError as exc:
+        raise RepoUnavailable(str(exc)) from exc
     store = HubFiles(repo_id, commit, evict=evict, progress=progress)
     label = f"{repo_id}@{commit}"
     weight_map: dict[str, str] | None = None
@@ -165,22 +193,75 @@ def push(folder: Path, repo_id: str, private: bool | None = None) -> str:
 def _resolve(repo_id: str, revision: str | None) -> tuple[str, list[str]]:
     """The commit `revision` points at and the repository's file names at that commit (offline: the cached ones).
 
-    resolve_revision also records the revision -> commit mapping in the cache, for later offline runs.
+    Online, one model_info request gives both, and the revision -> commit mapping is recorded in the cache's
+    `refs/` as huggingface_hub does, so that a later offline run finds it.
     """
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.file_download import repo_folder_name
 
-    api, offline = HfApi(), constants.is_offline_mode()
-    commit = api.resolve_revision(repo_id, revision=revision, local_files_only=offline).resolved
-    if not offline:
-        return commit, [s.rfilename for s in api.model_info(repo_id, revision=commit).siblings or []]
-    snapshot = Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"), "snapshots", commit)
-    if not snapshot.is_dir():
+    storage, revision_name = _repo_cache(repo_id), revision or constants.DEFAULT_REVISION
+    if not constants.is_offline_mode():
+        info = HfApi().model_info(repo_id, revision=revision)
+        _record_ref(storage, revision_name, info.sha)
+        return info.sha, [s.rfilename for s in info.siblings or []]
+    commit = _cached_commit(storage, revision_name)
+    if commit is None or not (storage / "snapshots" / commit).is_dir():
         raise SurgeryError(
-            f"{repo_id}@{revision or 'main'}: HF_HUB_OFFLINE is set and this revision is not in the cache "
+            f"{repo_id}@{revision_name}: HF_HUB_OFFLINE is set and this revision is not in the cache "
             f"({constants.HF_HUB_CACHE}); unset HF_HUB_OFFLINE to download it"
         )
-    return commit, sorted(p.name for p in snapshot.iterdir() if p.is_file())
+    return commit, sorted(p.name for p in (storage / "snapshots" / commit).iterdir() if p.is_file())
+
+
+def _cached_commit(storage: Path, revision: str) -> str | None:
+    """The commit `revision` names: itself if it is a commit hash, else what the cache's `refs/` records."""
+    if _COMMIT.fullmatch(revision):
+        return revision
+    ref = storage / "refs" / revision
+    return ref.read_text().strip() if ref.is_file() else None
+
+
+def _record_ref(storage: Path, revision: str, commit: str) -> None:
+    """Write `refs/<revision>` = `commit` in a repo's cache folder, atomically, unless it already says so."""
+    if _cached_commit(storage, revision) == commit:
+        return
+    ref = storage / "refs" / revision
+    temp = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
+    with suppress(OSError):  # a read-only cache: only a later offline run would need the ref
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        temp.write_text(commit)
+        os.replace(temp, ref)
+
+
+def _repo_cache(repo_id: str) -> Path:
+    """The repo's folder in the huggingface_hub cache: `blobs/<etag>`, `snapshots/<commit>/<file>` links, `refs/`."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"))
+
+
+def _blob_names(storage: Path) -> set[str]:
+    try:
+        return set(os.listdir(storage / "blobs"))
+    except FileNotFoundError:
+        return set()
+
+
+def _linked_blob(entry: Path, storage: Path) -> Path | None:
+    """The repo blob a snapshot entry links to, or None (a copied file, or a link elsewhere).
+
+    Only the link's first hop counts: a blob may itself link into a cache-wide store shared by other repos.
+    """
+    if not entry.is_symlink():
+        return None
+    target = entry.parent / os.readlink(entry)
+    blobs = storage / "blobs"
+    return blobs / target.name if target.parent.resolve() == blobs.resolve() else None
+
+
+def _is_linked(storage: Path, blob: Path) -> bool:
+    """Whether any snapshot entry (of any revision, under any name) links to `blob`."""
+    return any(_linked_blob(entry, storage) == blob for entry in (storage / "snapshots").rglob("*"))
 
 
 def _cached(repo_id: str, commit: str, name: str) -> Path | None:
@@ -229,27 +310,18 @@ def _read_range(url: str, start: int, length: int, where: str) -> tuple[bytes, i
 @contextmanager
 def _hub_errors(repo_id: str, revision: str | None, what: str) -> Iterator[None]:
     """Turn huggingface_hub and network exceptions raised while doing `what` into one-line SurgeryErrors."""
-    import httpx2
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HfHubHTTPError,
-        HFValidationError,
-        OfflineModeIsEnabled,
-        RevisionResolutionError,
-    )
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 
     try:
         yield
     except (
-        HfHubHTTPError, EntryNotFoundError, HFValidationError, OfflineModeIsEnabled, RevisionResolutionError,
-        httpx2.HTTPError, OSError,
+        HfHubHTTPError, EntryNotFoundError, HFValidationError, OfflineModeIsEnabled, http_client().HTTPError, OSError,
     ) as exc:
         raise SurgeryError(_describe(exc, repo_id, revision, what)) from exc
 
 
 def _describe(exc: BaseException, repo_id: str, revision: str | None, what: str) -> str:
     """What went wrong talking to the Hub and what to do, from the most telling exception in `exc`'s chain."""
-    import httpx2
     from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -259,7 +331,6 @@ def _describe(exc: BaseException, repo_id: str, revision: str | None, what: str)
         RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
-        RevisionResolutionError,
     )
 
     chain: list[BaseException] = []
@@ -285,14 +356,27 @@ def _describe(exc: BaseException, repo_id: str, revision: str | None, what: str)
     http = found(HfHubHTTPError)
     if isinstance(http, HfHubHTTPError) and http.response is not None and http.response.status_code in (401, 403):
         return f"{at}: {what} was refused (HTTP {http.response.status_code}): {_LOGIN} with a token that has access"
-    if network := found(httpx2.TransportError):
+    if network := found(http_client().TransportError):
         return (
             f"{at}: {what} failed with a network error ({_first_line(network)}); "
             f"check the connection to {constants.ENDPOINT}"
         )
-    if found((OfflineModeIsEnabled, RevisionResolutionError)):  # not a network error: HF_HUB_OFFLINE is set
+    if found(OfflineModeIsEnabled):  # not a network error: HF_HUB_OFFLINE is set
         return f"{at}: {what} needs the Hub, but HF_HUB_OFFLINE is set and the cache does not have it"
     return f"{at}: {what} failed ({_first_line(exc)})"
+
+
+def http_client() -> ModuleType:
+    """The HTTP library huggingface_hub raises errors of: httpx2 from huggingface_hub 2.0, httpx in 1.x."""
+    from huggingface_hub import __version__
+
+    return importlib.import_module("httpx2" if _version(__version__) >= (2, 0) else "httpx")
+
+
+def _version(text: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "1.20.0" or "2.0.0rc1"."""
+    match = re.match(r"(\d+)\.(\d+)", text)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -21,6 +21,14 @@ from .rules import RuleFile, TensorRule, fill, load_rules
 from .writer import DEFAULT_MAX_SHARD_BYTES, OutputTensor, shard_layout, shard_names
 
 ROUTER_INITS = ("normal", "zeros", "uniform")
+#: a router std above this is a typo: every logit would saturate
+MAX_ROUTER_STD = 100.0
+#: a plan may not have more output tensors than a shard header can list (100 MB of JSON, ~100 bytes an entry)
+MAX_OUTPUTS = 1_000_000
+#: nor more bytes than JSON readers can count exactly (2**53, 9 PB)
+MAX_OUTPUT_BYTES = 2**53
+#: tensor names are printable, not empty, not safetensors' reserved key, and of reasonable length
+MAX_NAME_LENGTH = 1024
 
 
 @dataclass(frozen=True)
@@ -48,8 +56,10 @@ class Options:
             )
         if self.router_init not in ROUTER_INITS:
             raise SurgeryError(f"router_init must be one of {', '.join(ROUTER_INITS)}, got {self.router_init!r}")
-        if not self.router_std >= 0:
-            raise SurgeryError(f"router_std must be non-negative, got {self.router_std}")
+        if not 0 <= self.seed < 2**64:
+            raise SurgeryError(f"seed must be between 0 and 2**64-1, got {self.seed}")
+        if not (isinstance(self.router_std, (int, float)) and 0 <= self.router_std <= MAX_ROUTER_STD):
+            raise SurgeryError(f"router_std must be a number from 0 to {MAX_ROUTER_STD:g}, got {self.router_std}")
         if self.max_shard_size < 1:
             raise SurgeryError(f"max_shard_size must be positive, got {self.max_shard_size}")
         if self.dtype is not None:
@@ -107,7 +117,29 @@ def make_plan(source: Checkpoint, rules: RuleFile | str | Path, options: Options
     names = {**source.config, **options.names()}
     planner = _Planner(source, rules, options, names)
     tensors = planner.apply()
-    return Plan(source, rules, options, tensors, _output_config(source, rules, options, names), planner.counts)
+    config = _output_config(source, rules, options, names)
+    check_json(config, f"{rules.path}: config")
+    return Plan(source, rules, options, tensors, config, planner.counts)
+
+
+def check_json(value: object, where: str) -> None:
+    """Refuse values JSON cannot hold (inf, NaN), naming the field: json.dumps would write `Infinity`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SurgeryError(f"{where}: {value} is not a finite number, and config.json cannot hold it")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_json(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_json(item, f"{where}[{i}]")
+
+
+def check_name(name: str, where: str) -> None:
+    """Refuse an output tensor name that no safetensors reader would accept or that would cause trouble."""
+    if name == "__metadata__" or not name or not name.isprintable() or len(name) > MAX_NAME_LENGTH:
+        problem = "is reserved by safetensors" if name == "__metadata__" else (
+            "is empty" if not name else "is too long" if len(name) > MAX_NAME_LENGTH else "has unprintable characters")
+        raise SurgeryError(f"{where}: output tensor name {name[:80]!r} {problem}")
 
 
 def natural_key(name: str) -> list[object]:
@@ -153,6 +185,16 @@ class _Planner:
         self.source, self.rules, self.options, self.names = source, rules, options, names
         self.counts = {rule.where: 0 for rule in rules.tensors}
         self.model_dtype = options.dtype or _float_or_f32(source.dominant_dtype)
+        self.outputs = self.nbytes = 0
+
+    def _count(self, outputs: int, nbytes: int, where: str) -> None:
+        """Add to the plan's size, refusing it before it grows past what a checkpoint can hold."""
+        self.outputs += outputs
+        self.nbytes += nbytes
+        if self.outputs > MAX_OUTPUTS:
+            raise SurgeryError(f"{where}: the plan would have more than {MAX_OUTPUTS:,} output tensors")
+        if self.nbytes > MAX_OUTPUT_BYTES:
+            raise SurgeryError(f"{where}: the plan would write more than {MAX_OUTPUT_BYTES:,} bytes")
 
     def apply(self) -> list[PlannedTensor]:
         """Outputs in natural name order (`layers.9` before `layers.10`), whatever the source's layout."""
@@ -161,6 +203,7 @@ class _Planner:
         for info in self.source.tensors.values():
             hits = [(rule, m) for rule, pattern in rules if (m := pattern.fullmatch(info.name))]
             if not any(not rule.is_new for rule, _ in hits):
+                self._count(1, info.nbytes, f"{self.source.location}: {info.name}")
                 planned.append(PlannedTensor(self._copy(info, info.name), info.name, "unchanged"))
             for rule, match in hits:
                 self.counts[rule.where] += 1
@@ -178,14 +221,18 @@ class _Planner:
     def _outputs(self, rule: TensorRule, bound: dict[str, str], info: TensorInfo) -> list[PlannedTensor]:
         """What one rule makes of one matching source tensor: copies, or new tensors."""
         out = []
+        where = f"{self.rules.path}: {rule.where}"
         for values, share in self._fan_out(rule, bound):
             name = fill(rule.to, values)
+            check_name(name, where)
             if not rule.is_new:
+                self._count(1, info.nbytes, where)
                 out.append(PlannedTensor(self._copy(info, name), info.name, rule.where, share))
                 continue
             names = {**self.names, **values}
             shape = tuple(self._int(d, f"{rule.where}.shape", names) for d in rule.shape)
             dtype = dtypes.parse_float_dtype(rule.dtype) if rule.dtype else self.model_dtype
+            self._count(1, dtypes.nbytes(dtype, _bounded_numel(shape, where)), where)
             tensor = OutputTensor(name, dtype, shape, self._init(rule, name, shape, dtype, names))
             out.append(PlannedTensor(tensor, None, rule.where, share))
         return out
@@ -193,10 +240,16 @@ class _Planner:
     def _fan_out(self, rule: TensorRule, bound: dict[str, str]) -> list[tuple[dict[str, int], Fraction]]:
         values = {k: int(v) for k, v in bound.items()}
         free = [self.rules.indices[name] for name in dict.fromkeys(placeholders(rule.to)) if name not in values]
-        ranges, share = [], Fraction(1)
+        ranges, share, combos = [], Fraction(1), 1
         for index in free:
             count = self._int(index.count, f"indices.{index.name}.count")
             ranges.append(range(count))
+            combos *= count
+            if self.outputs + combos > MAX_OUTPUTS:
+                raise SurgeryError(
+                    f"{self.rules.path}: {rule.where}: fanning out over {index.name} ({count}) would make more than "
+                    f"{MAX_OUTPUTS:,} output tensors"
+                )
             if index.active is not None and count:
                 share *= Fraction(self._int(index.active, f"indices.{index.name}.active"), count)
         return [({**values, **dict(zip((i.name for i in free), combo))}, share) for combo in itertools.product(*ranges)]
@@ -225,6 +278,16 @@ class _Planner:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise SurgeryError(f"{self.rules.path}: {where}: {expr!r} gives {value!r}, not a non-negative integer")
         return value
+
+
+def _bounded_numel(shape: tuple[int, ...], where: str) -> int:
+    """Elements of a planned shape, refused beyond what a safetensors offset (u64) can address."""
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel >= 2**64:
+            raise SurgeryError(f"{where}: shape {list(shape)} has more elements than a safetensors file can hold")
+    return numel
 
 
 def _float_or_f32(dtype: str) -> str:

@@ -92,10 +92,31 @@ def load_rules(name_or_path: str | Path) -> RuleFile:
     path = find_rules(name_or_path)
     text = path.read_bytes()
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         raise SurgeryError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     return parse_rules(doc, str(path), hashlib.sha256(text).hexdigest())
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML for untrusted rule files: no aliases (nested ones expand a few bytes into millions of nodes) and no
+    duplicate keys (YAML would silently keep the last one)."""
+
+    def compose_node(self, parent: object, index: object) -> object:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in rule files; write the value out", self.peek_event().start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        keys = [self.construct_object(key, deep=True) for key, _ in node.value]
+        for (key_node, _), key in zip(node.value, keys):
+            if keys.count(key) > 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep)
 
 
 def parse_rules(doc: object, path: str, sha256: str = "") -> RuleFile:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from . import dtypes
 from .checkpoint import INDEX_NAME, SINGLE_NAME
 from .copying import write_all
+from .errors import SurgeryError, os_error
 from .header import build_header
 from .producers import Producer, Sources
 
@@ -67,6 +70,43 @@ def data_order(shard: list[OutputTensor]) -> list[OutputTensor]:
     return sorted(shard, key=lambda t: -dtypes.itemsize(t.dtype))
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One output file: its name, its tensors in file order, and its header bytes (known before any data)."""
+
+    name: str
+    tensors: tuple[OutputTensor, ...]
+    header: bytes
+
+    @property
+    def offsets(self) -> list[int]:
+        """Where each tensor's bytes start in the file."""
+        starts, position = [], len(self.header)
+        for t in self.tensors:
+            starts.append(position)
+            position += t.nbytes
+        return starts
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + self.nbytes
+
+
+def plan_shards(tensors: list[OutputTensor], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Shard]:
+    """The output files for `tensors`: Hugging Face's greedy split, names, and each file's header."""
+    layout = shard_layout(tensors, max_shard_bytes)
+    shards = []
+    for name, members in zip(shard_names(len(layout)), layout):
+        ordered = tuple(data_order(members))
+        header = build_header([(t.name, t.dtype, t.shape, t.nbytes) for t in ordered], {"format": "pt"})
+        shards.append(Shard(name, ordered, header))
+    return shards
+
+
 def write_checkpoint(
     tensors: list[OutputTensor],
     folder: str | os.PathLike,
@@ -75,45 +115,108 @@ def write_checkpoint(
 ) -> list[str]:
     """Write `tensors` into `folder` as shards plus, if several, the index; return the files written.
 
-    Every shard's header is written first (it is known from the plan); then tensors are written into
-    their places in the order their source bytes are stored, so each source file is read in one
-    stretch and can be released (evicted) right after. Shards carry a temporary name until all are
-    complete; the index comes last. On any exception every file this call created is removed.
+    On any exception every file this call created is removed.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    shards = shard_layout(tensors, max_shard_bytes)
-    names = shard_names(len(shards))
-    temps = [folder / (name + TEMP_SUFFIX) for name in names]
-    sources = Sources([t.producer for t in tensors])
-    created: list[Path] = []  # removed again on failure
-    fds: list[int] = []
+    shards = plan_shards(tensors, max_shard_bytes)
+    try:
+        write_shards(shards, folder, progress)
+        if len(shards) > 1:
+            write_index(folder, shards)
+    except BaseException:
+        for name in [s.name for s in shards] + [s.name + TEMP_SUFFIX for s in shards] + [INDEX_NAME]:
+            (folder / name).unlink(missing_ok=True)
+        raise
+    return [s.name for s in shards] + ([INDEX_NAME] if len(shards) > 1 else [])
+
+
+def write_shards(shards: list[Shard], folder: Path, progress: Callable[[int], None] = lambda n: None) -> None:
+    """Write `shards` into `folder`; each takes its final name as soon as its last tensor is in.
+
+    Every shard's header is written first (it is known from the plan); then tensors are written into their
+    places in the order their source bytes are stored, so each source file is read in one stretch and can be
+    released (evicted) right after. Until complete, a shard has a temporary name; on any exception the
+    temporary files are removed (complete shards stay: a resumed run keeps them).
+    """
+    remaining = {s.name: len(s.tensors) for s in shards}
+    sources = Sources([t.producer for s in shards for t in s.tensors])
+    files = _ShardFiles(folder)
     try:
         slots = []
-        for temp, shard in zip(temps, shards):
-            created.append(temp)
-            fds.append(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
-            slots += _write_header(fds[-1], data_order(shard))
-        for tensor, fd, offset in sorted(slots, key=lambda slot: read_position(slot[0])):
-            _write_tensor(tensor, fd, offset, sources)
+        for shard in shards:
+            files.create(shard)
+            slots += [(t, shard, offset) for t, offset in zip(shard.tensors, shard.offsets)]
+            if not shard.tensors:
+                files.complete(shard)
+        for tensor, shard, offset in sorted(slots, key=lambda slot: read_position(slot[0])):
+            _write_tensor(tensor, files.fd(shard), offset, sources, files.temp(shard))
             progress(tensor.nbytes)
-        while fds:
-            os.close(fds.pop())
-        for i, (temp, name) in enumerate(zip(temps, names)):
-            os.replace(temp, folder / name)
-            created[i] = folder / name
-        if len(shards) > 1:
-            created.append(folder / INDEX_NAME)
-            _write_index(folder / INDEX_NAME, shards, names)
-        return [p.name for p in created]
+            remaining[shard.name] -= 1
+            if remaining[shard.name] == 0:
+                files.complete(shard)
     except BaseException:
-        for path in created:
-            path.unlink(missing_ok=True)
+        files.discard()
         raise
     finally:
-        for fd in fds:
-            os.close(fd)
+        files.close()
         sources.close()
+
+
+class _ShardFiles:
+    """The temporary files of shards being written, with at most `MAX_OPEN` of them open at a time."""
+
+    MAX_OPEN = 32
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.open: OrderedDict[str, int] = OrderedDict()
+        self.temps: list[Path] = []
+
+    def temp(self, shard: Shard) -> Path:
+        return self.folder / (shard.name + TEMP_SUFFIX)
+
+    def create(self, shard: Shard) -> None:
+        path = self.temp(shard)
+        self.temps.append(path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._keep(shard.name, fd)
+            write_all(fd, shard.header)
+        except OSError as exc:
+            raise os_error(exc, path) from None
+
+    def fd(self, shard: Shard) -> int:
+        if shard.name in self.open:
+            self.open.move_to_end(shard.name)
+            return self.open[shard.name]
+        try:
+            fd = os.open(self.temp(shard), os.O_WRONLY)
+        except OSError as exc:
+            raise os_error(exc, self.temp(shard)) from None
+        self._keep(shard.name, fd)
+        return fd
+
+    def complete(self, shard: Shard) -> None:
+        fd = self.open.pop(shard.name, None)
+        if fd is not None:
+            os.close(fd)
+        os.replace(self.temp(shard), self.folder / shard.name)
+        self.temps.remove(self.temp(shard))
+
+    def discard(self) -> None:
+        self.close()
+        for path in self.temps:
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        while self.open:
+            os.close(self.open.popitem()[1])
+
+    def _keep(self, name: str, fd: int) -> None:
+        self.open[name] = fd
+        while len(self.open) > self.MAX_OPEN:
+            os.close(self.open.popitem(last=False)[1])
 
 
 def read_position(tensor: OutputTensor) -> tuple[str, int]:
@@ -122,35 +225,53 @@ def read_position(tensor: OutputTensor) -> tuple[str, int]:
     return (inputs[0].file, inputs[0].offset) if inputs else ("", 0)
 
 
-def _write_header(fd: int, tensors: list[OutputTensor]) -> list[tuple[OutputTensor, int, int]]:
-    """Write a shard's header; return each tensor with the file offset its bytes go to."""
-    header = build_header([(t.name, t.dtype, t.shape, t.nbytes) for t in tensors], {"format": "pt"})
-    write_all(fd, header)
-    slots, offset = [], len(header)
-    for t in tensors:
-        slots.append((t, fd, offset))
-        offset += t.nbytes
-    return slots
-
-
-def _write_tensor(tensor: OutputTensor, fd: int, offset: int, sources: Sources) -> None:
-    os.lseek(fd, offset, os.SEEK_SET)
-    tensor.producer.write(fd, sources)
-    written = os.lseek(fd, 0, os.SEEK_CUR) - offset
+def _write_tensor(tensor: OutputTensor, fd: int, offset: int, sources: Sources, path: Path) -> None:
+    try:
+        os.lseek(fd, offset, os.SEEK_SET)
+        tensor.producer.write(fd, sources)
+        written = os.lseek(fd, 0, os.SEEK_CUR) - offset
+    except SurgeryError as exc:
+        raise SurgeryError(f"{tensor.name}: {exc}") from None
+    except OSError as exc:
+        raise os_error(exc, path) from None
     if written != tensor.nbytes:
         raise AssertionError(f"{tensor.name}: producer wrote {written} bytes, expected {tensor.nbytes}")
     sources.finished(tensor.producer)
 
 
-def _write_index(path: Path, shards: list[list[OutputTensor]], names: list[str]) -> None:
-    weight_map = {t.name: name for name, shard in zip(names, shards) for t in shard}
+def shard_is_complete(shard: Shard, path: Path, sources: Sources | None = None) -> bool:
+    """Whether `path` holds `shard`: the same header and size, and with `sources` also every tensor's bytes."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != shard.size or f.read(len(shard.header)) != shard.header:
+                return False
+            return sources is None or all(
+                holds(f, offset, t, sources) for t, offset in zip(shard.tensors, shard.offsets)
+            )
+    except FileNotFoundError:
+        return False
+
+
+def holds(f: BinaryIO, offset: int, tensor: OutputTensor, sources: Sources) -> bool:
+    """Whether the open file `f` holds `tensor`'s planned bytes at `offset` (read a chunk at a time)."""
+    f.seek(offset)
+    try:
+        return all(f.read(len(chunk)) == chunk for chunk in tensor.producer.iter_bytes(sources))
+    finally:
+        sources.finished(tensor.producer)
+
+
+def write_index(folder: Path, shards: list[Shard]) -> None:
+    """model.safetensors.index.json for `shards`, written under a temporary name and renamed."""
+    weight_map = {t.name: s.name for s in shards for t in s.tensors}
     index = {
         "metadata": {
-            "total_size": sum(t.nbytes for shard in shards for t in shard),
-            "total_parameters": sum(t.numel for shard in shards for t in shard),
+            "total_size": sum(s.nbytes for s in shards),
+            "total_parameters": sum(t.numel for s in shards for t in s.tensors),
         },
         "weight_map": dict(sorted(weight_map.items())),
     }
+    path = folder / INDEX_NAME
     temp = path.with_name(path.name + TEMP_SUFFIX)
     temp.write_text(json.dumps(index, indent=2) + "\n")
     os.replace(temp, path)

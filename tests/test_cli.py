@@ -77,15 +77,24 @@ def test_bad_options(src, tmp_path, override, message):
 def test_non_empty_destination_needs_overwrite(src, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()
-    (dst / "keep.txt").write_text("precious")
+    (dst / "config.json").write_text("{}")
+    (dst / "keep.txt").write_text("old output")
     assert_one_line_error(run("upcycle", src, dst, *RECIPE), "not empty", "--overwrite")
-    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "keep.txt"]
     assert run("upcycle", src, dst, *RECIPE, "--overwrite").exit_code == 0
-    assert (dst / "config.json").exists() and not (dst / "keep.txt").exists()
+    assert (dst / "model.safetensors").exists() and not (dst / "keep.txt").exists()
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_checkpoint(src, tmp_path):
+    dst = tmp_path / "home"
+    (dst / "Documents").mkdir(parents=True)
+    (dst / "notes.txt").write_text("precious")
+    assert_one_line_error(run("upcycle", src, dst, *RECIPE, "--overwrite"), "does not look like a checkpoint")
+    assert sorted(p.name for p in dst.iterdir()) == ["Documents", "notes.txt"]
 
 
 def test_destination_inside_source_is_refused(src):
-    assert_one_line_error(run("upcycle", src, src, *RECIPE, "--overwrite"), "source folder")
+    assert_one_line_error(run("upcycle", src, src, *RECIPE, "--overwrite"), "source", str(src))
 
 
 def test_missing_shard(src, tmp_path):
@@ -124,16 +133,16 @@ def test_pickle_only_folder_is_refused(tmp_path):
 def test_failure_mid_write_leaves_destination_untouched(src, tmp_path, monkeypatch):
     dst = tmp_path / "out"
     dst.mkdir()
-    (dst / "old.txt").write_text("old")
-    import surgery.writer
+    (dst / "config.json").write_text("old")
+    import surgery.execute
 
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(surgery.writer, "_write_index", boom)
+    monkeypatch.setattr(surgery.execute, "write_index", boom)
     result = run("upcycle", src, dst, *RECIPE, "--overwrite", "--max-shard-size", "20KB")
-    assert result.exit_code != 0
-    assert [p.name for p in dst.iterdir()] == ["old.txt"]
+    assert_one_line_error(result, "disk is full", "was not changed")
+    assert [p.name for p in dst.iterdir()] == ["config.json"] and (dst / "config.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

@@ -108,8 +108,8 @@ def install(monkeypatch, cfr: str, sendfile: str) -> Counter:
     return calls
 
 
-FAILURES = ["errno:EXDEV", "errno:EOPNOTSUPP", "errno:ENOSYS", "errno:EINVAL", "zero", "short-then-zero",
-            "short-then-error", "missing"]
+FAILURES = ["errno:EXDEV", "errno:EOPNOTSUPP", "errno:ENOSYS", "errno:EINVAL", "errno:ENOTSOCK", "errno:EPERM",
+            "errno:EACCES", "zero", "short-then-zero", "short-then-error", "missing"]
 
 
 def check_copy(source, dest, offset, length):
@@ -205,8 +205,8 @@ def test_source_truncated_after_open(tmp_path, dest):
 
 
 @pytest.mark.parametrize("where", ["copy_file_range", "sendfile", "pread"])
-@pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC, errno.EACCES])
-def test_unrelated_errors_propagate(monkeypatch, small_calls, source, dest, where, code):
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EFBIG])
+def test_disk_failures_propagate(monkeypatch, small_calls, source, dest, where, code):
     calls = install(monkeypatch, "errno:ENOSYS" if where != "copy_file_range" else "real",
                     "errno:ENOSYS" if where == "pread" else "real")
 

@@ -13,11 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx2
 import pytest
 import torch
 from click.testing import CliRunner
-from huggingface_hub import HfApi, constants
+from huggingface_hub import HfApi, constants, hf_hub_download
 from transformers import MistralForCausalLM, MixtralForCausalLM
 
 import surgery
@@ -25,6 +24,7 @@ from surgery.api import open_source
 from surgery.checkpoint import INDEX_NAME, read_header
 from surgery.cli import main
 from surgery.errors import SurgeryError
+from surgery.hub import http_client
 from surgery.verify import verify
 from tests.fake_hub import FakeHub, etag, folder_files
 from tests.tiny_models import save_tiny
@@ -32,6 +32,9 @@ from tests.tiny_models import save_tiny
 REPO = "tiny-org/mistral"
 SHA_MAIN = hashlib.sha1(b"main").hexdigest()
 SHA_V1 = hashlib.sha1(b"v1").hexdigest()
+REVISIONS = "tiny-org/revisions"  # commit SHA_B = SHA_MAIN's files with shard 3 from SHA_V1
+SHA_B = hashlib.sha1(b"b").hexdigest()
+CHANGED = "model-00003-of-00005.safetensors"
 RECIPE = dict(rules="mistral-to-mixtral", num_experts=4, experts_per_token=2)
 RECIPE_ARGS = ["-r", "mistral-to-mixtral", "-e", "4", "-k", "2"]
 SIDE = {"tokenizer.json": b'{"version": "1.0"}'}
@@ -70,7 +73,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
 
 def assert_nothing_written(dst: Path) -> None:
     assert not dst.exists()
-    assert not list(dst.parent.glob(f".{dst.name}.surgery-partial-*"))
+    assert not list(dst.parent.glob(f".{dst.name}.surgery-*"))
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +103,8 @@ def hub(models):
     fake.add_repo("tiny-org/missing-shard", {SHA_MAIN: missing}, {"main": SHA_MAIN})
     pickles = {"config.json": commits[SHA_MAIN]["config.json"], "pytorch_model.bin": b"\x80\x02pickle"}
     fake.add_repo("tiny-org/pickles", {SHA_MAIN: pickles}, {"main": SHA_MAIN})
+    mixed = commits[SHA_MAIN] | {CHANGED: commits[SHA_V1][CHANGED]}
+    fake.add_repo(REVISIONS, {SHA_MAIN: commits[SHA_MAIN], SHA_B: mixed}, {"main": SHA_B})
     yield fake
     fake.close()
 
@@ -120,9 +125,9 @@ def hf_cache(hub, tmp_path, monkeypatch) -> Path:
     return tmp_path / "hf-cache"
 
 
-def shard_files(hub: FakeHub, commit: str = SHA_MAIN) -> dict[str, bytes]:
-    """The shards the index of REPO at `commit` names, by file name."""
-    files = hub.repos[REPO].commits[commit]
+def shard_files(hub: FakeHub, commit: str = SHA_MAIN, repo: str = REPO) -> dict[str, bytes]:
+    """The shards the index of `repo` at `commit` names, by file name."""
+    files = hub.repos[repo].commits[commit]
     return {name: files[name] for name in set(json.loads(files[INDEX_NAME])["weight_map"].values())}
 
 
@@ -130,6 +135,13 @@ def shard_blobs(cache: Path, shards: dict[str, bytes]) -> list[Path]:
     """The cached blobs holding any of these shards."""
     etags = {etag(data) for data in shards.values()}
     return [p for p in cache.rglob("blobs/*") if p.name in etags]
+
+
+def closed_endpoint() -> str:
+    """A loopback URL nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 # --- upcycle from a repo id -------------------------------------------------------------------------------------
@@ -146,7 +158,7 @@ def test_upcycle_from_a_branch_reproduces_dense_and_fetches_only_what_is_needed(
     assert (out / "tokenizer.json").read_bytes() == SIDE["tokenizer.json"]
 
     file_requests = [r for r in hub.log if r.file is not None]
-    assert [r.revision for r in hub.log if r.file is None] == [None, SHA_MAIN]  # resolved once, then listed...
+    assert [r.revision for r in hub.log if r.file is None] == [None]  # resolved and listed in one request...
     assert {r.revision for r in file_requests} == {SHA_MAIN}  # ...and every file pinned to the commit
     shards = set(shard_files(hub))
     requested = {r.file for r in file_requests}
@@ -163,6 +175,15 @@ def test_upcycle_at_a_commit_or_tag(hub, hf_cache, dense_logits, tmp_path, revis
     assert (logits(moe) - dense_logits[SHA_V1]).abs().max().item() <= 1e-5
     assert f'"source_revision": "{SHA_V1}"' in (out / "README.md").read_text()
     assert {r.revision for r in hub.log if r.file is not None} == {SHA_V1}
+
+
+def test_the_cache_of_a_hub_source_is_never_the_destination(hub, hf_cache, tmp_path):
+    assert run("plan", REPO, *RECIPE_ARGS).exit_code == 0  # caches the config, the index and the headers
+    repo = next(hf_cache.glob("models--*"))
+    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+    for dst in (repo / "blobs", repo / "snapshots" / SHA_MAIN / "moe", hf_cache):
+        assert_one_line_error(run("upcycle", REPO, dst, *RECIPE_ARGS, "-q", "--overwrite"), "cache", str(repo))
+    assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
 
 
 def test_a_local_path_wins_over_a_repo_id(hub, hf_cache, models, tmp_path, monkeypatch):
@@ -230,6 +251,29 @@ def test_evict_source_keeps_at_most_one_source_shard_on_disk(hub, hf_cache, mode
     assert seen == [(name, 0) for name in sorted(shard_files(hub))]
     the_plan = surgery.plan(models[SHA_MAIN], **RECIPE)
     assert verify(the_plan, tmp_path / "moe") == len(the_plan.tensors)
+
+
+@pytest.mark.parametrize("cached_names,upcycled", [
+    (None, SHA_B),  # all of SHA_MAIN: another revision links to 4 of the 5 shard blobs, by the same and other names
+    (["consolidated.safetensors"], SHA_MAIN),  # the same revision links to shard 1's blob by another name
+    (["model-00002-of-00005.safetensors"], SHA_MAIN),  # the shard itself was cached
+])
+def test_evict_source_removes_only_what_it_added_to_the_cache(hub, hf_cache, tmp_path, cached_names, upcycled):
+    """Files of SHA_MAIN cached before the run by huggingface_hub itself survive; a blob is deleted only if this run
+    downloaded it and no snapshot of any revision links to it."""
+    cached_files = hub.repos[REVISIONS].commits[SHA_MAIN]
+    cached = {name: Path(hf_hub_download(REVISIONS, name, revision=SHA_MAIN)) for name in cached_names or cached_files}
+    files = hub.repos[REVISIONS].commits[upcycled]
+    surgery.upcycle(f"{REVISIONS}@{upcycled}", tmp_path / "moe", **RECIPE, progress=False, evict_source=True)
+
+    for name, path in cached.items():
+        assert path.read_bytes() == cached_files[name], name
+    side = {"config.json", INDEX_NAME, "generation_config.json", "tokenizer.json"}  # downloaded, never evicted
+    kept = {etag(cached_files[name]) for name in cached} | {etag(files[name]) for name in side}
+    assert {p.name for p in hf_cache.rglob("blobs/*")} == kept  # e.g. SHA_B's own shard 3 is gone
+    snapshot = hf_cache / "models--tiny-org--revisions" / "snapshots" / upcycled
+    added = set(shard_files(hub, upcycled, REVISIONS)) - (set(cached) if upcycled == SHA_MAIN else set())
+    assert not [name for name in added if os.path.lexists(snapshot / name)]
 
 
 def test_a_cut_off_download_is_retried(hub, hf_cache, models, tmp_path, monkeypatch):
@@ -302,11 +346,23 @@ def test_hub_errors_are_one_line_and_write_nothing(hub, hf_cache, tmp_path, src,
 
 
 def test_an_unreachable_hub_is_one_line_error(hf_cache, tmp_path, monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
-    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    monkeypatch.setattr(constants, "ENDPOINT", closed_endpoint())
     assert_one_line_error(run("upcycle", REPO, tmp_path / "out", *RECIPE_ARGS, "--quiet"), "check the connection")
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("reachable,reason", [
+    (True, "repository not found on the Hub"),
+    (False, "resolving the revision failed with a network error"),
+])
+def test_a_missing_local_path_that_looks_like_a_repo_id_says_both(hub, hf_cache, tmp_path, monkeypatch, reachable,
+                                                                   reason):
+    monkeypatch.chdir(tmp_path)
+    if not reachable:
+        monkeypatch.setattr(constants, "ENDPOINT", closed_endpoint())
+    expected = f"Error: models/mistral: no such local file or folder; as a Hub repo id: {reason}"
+    assert_one_line_error(run("plan", "models/mistral", *RECIPE_ARGS), expected)
+    assert_one_line_error(run("upcycle", "models/mistral", tmp_path / "out", *RECIPE_ARGS, "--quiet"), expected)
     assert_nothing_written(tmp_path / "out")
 
 
@@ -358,7 +414,7 @@ def test_push_to_hub_uploads_the_complete_output(hub, uploads, tmp_path):
 
 def test_a_failed_push_keeps_the_output_and_says_how_to_retry(hub, uploads, models, tmp_path, monkeypatch):
     def refuse(self, **kwargs):
-        raise httpx2.ConnectError("connection refused")
+        raise http_client().ConnectError("connection refused")
 
     monkeypatch.setattr(HfApi, "upload_folder", refuse)
     out = tmp_path / "moe"
@@ -394,11 +450,13 @@ def test_cli_honours_the_hf_environment_variables(hub, hf_cache, models, tmp_pat
     assert verify(the_plan, out) == len(the_plan.tensors)
 
 
-def test_old_huggingface_hub_gives_a_clear_error(monkeypatch):
+@pytest.mark.parametrize("version", ["0.36.2", "1.19.0"])
+def test_old_huggingface_hub_gives_a_clear_error(monkeypatch, version):
+    """Before 1.20, huggingface_hub does not resume a download cut off mid-file."""
     import huggingface_hub
 
-    monkeypatch.setattr(huggingface_hub, "__version__", "0.36.2")
-    with pytest.raises(SurgeryError, match="need huggingface_hub >= 1.0, found 0.36.2"):
+    monkeypatch.setattr(huggingface_hub, "__version__", version)
+    with pytest.raises(SurgeryError, match=f"need huggingface_hub >= 1.20, found {version}"):
         open_source(REPO)
-    with pytest.raises(SurgeryError, match="need huggingface_hub >= 1.0"):
+    with pytest.raises(SurgeryError, match="need huggingface_hub >= 1.20"):
         surgery.upcycle("unused", "unused-dst", **RECIPE, push_to_hub="me/moe")
