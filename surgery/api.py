@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpoint, open_checkpoint
 from .execute import assemble as assemble_output, execute, parse_part
 from .hub import RepoUnavailable, check_push, open_hub_checkpoint, parse_repo_id, push
-from .plan import Options, Plan, make_plan
+from .plan import OPTION_NAMES, Options, Plan, make_plan
 from .rules import RuleFile
 
 
@@ -34,23 +34,32 @@ def open_source(
     return open_checkpoint(src)
 
 
+def recipe(num_experts: int | None, experts_per_token: int | None, settings: dict) -> tuple[Options, dict]:
+    """Split keyword settings into write options (seed, dtype, max_shard_size) and rule-file parameters."""
+    options = Options(**{k: settings.pop(k) for k in OPTION_NAMES if k in settings})
+    shortcuts = {"num_experts": num_experts, "experts_per_token": experts_per_token}
+    return options, {**{k: v for k, v in shortcuts.items() if v is not None}, **settings}
+
+
 def plan(
     src: str | os.PathLike | Checkpoint,
     rules: str | os.PathLike | RuleFile,
-    num_experts: int,
-    experts_per_token: int,
-    **options: object,
+    num_experts: int | None = None,
+    experts_per_token: int | None = None,
+    **settings: object,
 ) -> Plan:
-    """Plan an upcycle from headers alone; see `Options` for the other keyword options."""
-    return make_plan(open_source(src), rules, Options(num_experts, experts_per_token, **options))
+    """Plan from headers alone. `settings` are the rule file's parameters (e.g. `router_std=0.01`) and the write
+    options `seed`, `dtype` and `max_shard_size`; `num_experts` and `experts_per_token` are parameters too."""
+    options, params = recipe(num_experts, experts_per_token, dict(settings))
+    return make_plan(open_source(src), rules, options, params)
 
 
 def upcycle(
     src: str | os.PathLike | Checkpoint,
     dst: str | os.PathLike,
     rules: str | os.PathLike | RuleFile,
-    num_experts: int,
-    experts_per_token: int,
+    num_experts: int | None = None,
+    experts_per_token: int | None = None,
     *,
     overwrite: bool = False,
     progress: bool = True,
@@ -60,7 +69,7 @@ def upcycle(
     private: bool | None = None,
     resume: bool | str = False,
     shards: str | tuple[int, int] | None = None,
-    **options: object,
+    **settings: object,
 ) -> Path | None:
     """Upcycle `src` into `dst` with a rule file (built-in name or path); returns the output folder.
 
@@ -70,14 +79,14 @@ def upcycle(
     `resume=True` (or "verify") continues an interrupted run from the shards it completed. `shards="i/n"` writes
     only worker i's share of the output shards; the worker that completes the set assembles the output (the
     others return None), or call `assemble` at the end.
-    Options: router_init ("normal", "zeros", "uniform"), router_std, seed, dtype ("bf16", ...),
+    `settings`: the rule file's parameters (router_init, router_std, ...) and seed, dtype ("bf16", ...),
     max_shard_size (bytes).
     """
     if push_to_hub:
         check_push(push_to_hub)
     part = parse_part(shards) if isinstance(shards, str) else shards
     source = open_source(src, evict_source=evict_source, progress=progress)
-    the_plan = plan(source, rules, num_experts, experts_per_token, **options)
+    the_plan = plan(source, rules, num_experts, experts_per_token, **settings)
     with tqdm(total=the_plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=not progress) as bar:
         out = execute(the_plan, dst, overwrite=overwrite, progress=bar.update, command=command, resume=resume,
                       part=part)
@@ -90,14 +99,14 @@ def assemble(
     src: str | os.PathLike | Checkpoint,
     dst: str | os.PathLike,
     rules: str | os.PathLike | RuleFile,
-    num_experts: int,
-    experts_per_token: int,
+    num_experts: int | None = None,
+    experts_per_token: int | None = None,
     *,
     overwrite: bool = False,
     command: str | None = None,
-    **options: object,
+    **settings: object,
 ) -> Path:
     """Finish an output that workers wrote with `upcycle(..., shards="i/n")`: check every shard, write the index,
     config, side files and model card, and swap the result into `dst`. Takes the same recipe as the workers."""
-    the_plan = plan(open_source(src), rules, num_experts, experts_per_token, **options)
+    the_plan = plan(open_source(src), rules, num_experts, experts_per_token, **settings)
     return assemble_output(the_plan, dst, overwrite=overwrite, command=command)

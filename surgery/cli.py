@@ -31,17 +31,28 @@ def _size_option(_ctx: click.Context, _param: click.Parameter, value: str) -> in
     return parse_size(value)
 
 
+def _param_option(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    params = {}
+    for text in values:
+        name, sep, value = text.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{text!r} is not NAME=VALUE")
+        params[name.strip()] = value
+    return params
+
+
 def recipe_options(command):
-    """The options shared by upcycle, plan and verify."""
+    """The options shared by the commands that plan: the rule file, its parameters, and how to write."""
     options = [
         click.option("--rules", "-r", required=True, help="Built-in rule name (see `surgery rules`) or path to a rule YAML."),
-        click.option("--num-experts", "-e", type=int, required=True, help="Experts per MoE layer (>= 1)."),
-        click.option("--experts-per-token", "-k", type=int, required=True, help="Experts routed per token (1..num-experts)."),
-        click.option("--router-init", type=click.Choice(["normal", "zeros", "uniform"]), default="normal",
-                     show_default=True, help="Router init: normal(0, router-std), zeros, or uniform(+-1/sqrt(hidden))."),
-        click.option("--router-std", type=float, default=0.02, show_default=True, help="Std of the normal router init."),
+        click.option("--param", "-p", "params", multiple=True, metavar="NAME=VALUE", callback=_param_option,
+                     help="A parameter of the rule file (see `surgery rules NAME`); repeat for several."),
+        click.option("--num-experts", "-e", type=int, help="Shortcut for -p num_experts=N: experts per MoE layer."),
+        click.option("--experts-per-token", "-k", type=int, help="Shortcut for -p experts_per_token=K: top-k routing."),
+        click.option("--router-init", help="Shortcut for -p router_init=...: normal, zeros or uniform."),
+        click.option("--router-std", type=float, help="Shortcut for -p router_std=...: std of the normal router init."),
         click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seed for new tensors; derived per tensor, so output does not depend on shard order."),
+                     help="Seed for new values; derived per tensor, so output does not depend on shard order."),
         click.option("--dtype", default=None, help="Output dtype for float tensors (bf16, fp16, fp32). Default: the source's."),
         click.option("--max-shard-size", default="5GB", show_default=True, callback=_size_option,
                      help="Largest output shard, e.g. 5GB, 500MB, 2GiB."),
@@ -51,9 +62,20 @@ def recipe_options(command):
     return command
 
 
+#: options that stand for a rule-file parameter of the same name
+SHORTCUTS = ("num_experts", "experts_per_token", "router_init", "router_std")
+
+
 def _recipe(kwargs: dict) -> dict:
-    keys = ("num_experts", "experts_per_token", "router_init", "router_std", "seed", "dtype", "max_shard_size")
-    return {k: kwargs.pop(k) for k in keys}
+    """The keyword arguments of the Python API: parameters (shortcuts, then -p) and write options."""
+    params = kwargs.pop("params")
+    for name in SHORTCUTS:
+        value = kwargs.pop(name)
+        if value is not None:
+            if name in params:
+                raise click.UsageError(f"{name} is given twice (as its option and as -p {name}=...)")
+            params[name] = value
+    return {**params, **{k: kwargs.pop(k) for k in ("seed", "dtype", "max_shard_size")}}
 
 
 class _Failure(click.ClickException):

@@ -19,22 +19,34 @@ CALL_BYTES = 1 << 30
 IO_FAILURES = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG}
 
 
-def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
-    """Append `length` bytes of `src_fd` starting at `offset` at the current position of `dst_fd`."""
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int | None = None) -> None:
+    """Copy `length` bytes of `src_fd` starting at `offset` to `dst_fd` at `dst_offset` (default: at its current
+    position, which then moves past them)."""
+    append = dst_offset is None
+    if append:
+        dst_offset = os.lseek(dst_fd, 0, os.SEEK_CUR)
     done = 0
     for method in (_copy_file_range, _sendfile, _buffered):
-        done += method(src_fd, dst_fd, offset + done, length - done)
+        done += method(src_fd, dst_fd, offset + done, length - done, dst_offset + done)
         if done == length:
+            if append:
+                os.lseek(dst_fd, dst_offset + length, os.SEEK_SET)
             return
     raise SurgeryError(f"source file ended {length - done} bytes early while copying (was it truncated?)")
 
 
-def _copy_file_range(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
-    return _loop(lambda pos, n: os.copy_file_range(src_fd, dst_fd, n, offset_src=pos), offset, length)
+def _copy_file_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int) -> int:
+    delta = dst_offset - offset
+    return _loop(lambda pos, n: os.copy_file_range(src_fd, dst_fd, n, pos, pos + delta), offset, length)
 
 
-def _sendfile(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
-    return _loop(lambda pos, n: os.sendfile(dst_fd, src_fd, pos, n), offset, length)
+def _sendfile(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int) -> int:
+    def step(pos: int, n: int) -> int:
+        os.lseek(dst_fd, pos + delta, os.SEEK_SET)
+        return os.sendfile(dst_fd, src_fd, pos, n)
+
+    delta = dst_offset - offset
+    return _loop(step, offset, length)
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -44,12 +56,16 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _buffered(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
+def _buffered(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int) -> int:
     def step(pos: int, n: int) -> int:
-        data = os.pread(src_fd, min(n, BUFFER_BYTES), pos)
-        write_all(dst_fd, data)
-        return len(data)
+        data = memoryview(os.pread(src_fd, min(n, BUFFER_BYTES), pos))
+        target = pos + delta
+        while data:
+            written = os.pwrite(dst_fd, data, target)
+            data, target = data[written:], target + written
+        return target - pos - delta
 
+    delta = dst_offset - offset
     return _loop(step, offset, length, fallback=False)
 
 

@@ -76,7 +76,7 @@ def encode(values: np.ndarray, dtype: str) -> memoryview:
     """
     if dtype not in FLOATS:
         raise SurgeryError(f"cannot write computed values as {dtype}: only {', '.join(FLOATS)} are supported")
-    values = np.ascontiguousarray(values, dtype=np.float64 if values.dtype == np.float64 else np.float32)
+    values = np.ascontiguousarray(values, dtype=np.float64 if values.dtype == np.float64 else np.float32).reshape(-1)
     if dtype == "BF16":
         encoded = _bf16_words(values)
     else:

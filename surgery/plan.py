@@ -1,6 +1,9 @@
-"""Planning: rules + source headers + options -> every output tensor, the output config and shards.
+"""Planning: rules + source headers + parameters -> every output tensor, the output config and shards.
 
-A plan is built from headers alone, so it is cheap even for a 70B model or a remote repository.
+Each tensor rule is applied per output: for every source tensor its `for_each` pattern matches (and every value of
+the indices its output name fans out over), the rule's value tree is built from the source headers into nodes,
+and the cheapest producer is chosen. Source tensors that no rule takes (and no `drop` pattern names) are copied
+unchanged. A plan is built from headers alone, so it is cheap even for a 70B model or a remote repository.
 """
 
 from __future__ import annotations
@@ -8,75 +11,76 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
 from . import dtypes
-from .checkpoint import Checkpoint, TensorInfo
+from .checkpoint import Checkpoint
 from .errors import SurgeryError
 from .expressions import evaluate, placeholders, render
-from .producers import Copy, Producer, Segment, cast, random_init
-from .rules import RuleFile, TensorRule, fill, load_rules
+from .params import resolve
+from .producers import Copy, produce
+from .randomness import check_seed
+from .rules import INITS, RuleFile, Spec, TensorRule, compile_pattern, load_rules
+from .values import Add, Cast, Concat, Init, Mean, Node, Noise, Reinit, Scale, Slice, Source, Stack, Take
 from .writer import DEFAULT_MAX_SHARD_BYTES, OutputTensor, shard_layout, shard_names
 
-ROUTER_INITS = ("normal", "zeros", "uniform")
-#: a router std above this is a typo: every logit would saturate
-MAX_ROUTER_STD = 100.0
 #: a plan may not have more output tensors than a shard header can list (100 MB of JSON, ~100 bytes an entry)
 MAX_OUTPUTS = 1_000_000
 #: nor more bytes than JSON readers can count exactly (2**53, 9 PB)
 MAX_OUTPUT_BYTES = 2**53
+#: nor stack or average more parts into one tensor than this
+MAX_PARTS = 65_536
 #: tensor names are printable, not empty, not safetensors' reserved key, and of reasonable length
 MAX_NAME_LENGTH = 1024
 
 
 @dataclass(frozen=True)
 class Options:
-    """User options that rule files refer to by name (`num_experts`, `experts_per_token`, ...)."""
+    """How to write, whatever the rule file: the seed of new values, the output dtype, the shard size."""
 
-    num_experts: int
-    experts_per_token: int
-    router_init: str = "normal"
-    router_std: float = 0.02
     seed: int = 0
     dtype: str | None = None
     max_shard_size: int = DEFAULT_MAX_SHARD_BYTES
 
     def __post_init__(self) -> None:
-        for name in ("num_experts", "experts_per_token", "seed", "max_shard_size"):
+        for name in ("seed", "max_shard_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise SurgeryError(f"{name} must be an integer, got {value!r}")
-        if self.num_experts < 1:
-            raise SurgeryError(f"num_experts must be at least 1, got {self.num_experts}")
-        if not 1 <= self.experts_per_token <= self.num_experts:
-            raise SurgeryError(
-                f"experts_per_token must be between 1 and num_experts ({self.num_experts}), got {self.experts_per_token}"
-            )
-        if self.router_init not in ROUTER_INITS:
-            raise SurgeryError(f"router_init must be one of {', '.join(ROUTER_INITS)}, got {self.router_init!r}")
-        if not 0 <= self.seed < 2**64:
-            raise SurgeryError(f"seed must be between 0 and 2**64-1, got {self.seed}")
-        if not (isinstance(self.router_std, (int, float)) and 0 <= self.router_std <= MAX_ROUTER_STD):
-            raise SurgeryError(f"router_std must be a number from 0 to {MAX_ROUTER_STD:g}, got {self.router_std}")
+        try:
+            check_seed(self.seed)
+        except ValueError as exc:
+            raise SurgeryError(str(exc)) from None
         if self.max_shard_size < 1:
             raise SurgeryError(f"max_shard_size must be positive, got {self.max_shard_size}")
         if self.dtype is not None:
             object.__setattr__(self, "dtype", dtypes.parse_float_dtype(self.dtype))
 
-    def names(self) -> dict[str, object]:
-        return {k: getattr(self, k) for k in ("num_experts", "experts_per_token", "router_std", "seed")}
+
+OPTION_NAMES = ("seed", "dtype", "max_shard_size")
 
 
 @dataclass(frozen=True)
 class PlannedTensor:
-    """An output tensor with where it comes from: the source tensor (if any), the rule, its active share."""
+    """An output tensor with where it comes from: its source tensors, the rule, its active share."""
 
     tensor: OutputTensor
-    source: str | None
+    sources: tuple[str, ...]
     rule: str
     active: Fraction = Fraction(1)
+
+
+@dataclass
+class RuleStats:
+    """What one rule did: source tensors its pattern matched, outputs, and bytes copied or computed."""
+
+    matched: int = 0
+    outputs: int = 0
+    copied: int = 0
+    computed: int = 0
 
 
 @dataclass
@@ -84,9 +88,11 @@ class Plan:
     source: Checkpoint
     rules: RuleFile
     options: Options
+    params: dict[str, object]
     tensors: list[PlannedTensor]
     config: dict
-    rule_counts: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, RuleStats] = field(default_factory=dict)
+    exact: tuple[bool | None, str] = (None, "")
 
     @property
     def outputs(self) -> list[OutputTensor]:
@@ -109,17 +115,19 @@ class Plan:
         return list(zip(shard_names(len(layout)), layout))
 
 
-def make_plan(source: Checkpoint, rules: RuleFile | str | Path, options: Options) -> Plan:
-    """Apply `rules` to `source`'s headers; raise SurgeryError for anything that does not fit."""
+def make_plan(source: Checkpoint, rules: RuleFile | str | Path, options: Options,
+              params: Mapping[str, object] | None = None) -> Plan:
+    """Apply `rules` with `params` to `source`'s headers; raise SurgeryError for anything that does not fit."""
     if not isinstance(rules, RuleFile):
         rules = load_rules(rules)
     _check_source(source, rules)
-    names = {**source.config, **options.names()}
+    values = resolve(rules.parameters, params or {}, source.config, rules.path)
+    names = {**source.config, **values, "seed": options.seed}
     planner = _Planner(source, rules, options, names)
     tensors = planner.apply()
     config = _output_config(source, rules, options, names)
     check_json(config, f"{rules.path}: config")
-    return Plan(source, rules, options, tensors, config, planner.counts)
+    return Plan(source, rules, options, values, tensors, config, planner.stats, _exactness(rules, names))
 
 
 def check_json(value: object, where: str) -> None:
@@ -147,6 +155,17 @@ def natural_key(name: str) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+def fill(template: str, names: Mapping[str, object], where: str) -> str:
+    """A name template with each `{expr}` replaced by its value."""
+    return re.sub(r"\{([^{}]*)\}", lambda m: _text(evaluate(m.group(1), names, where), where), template)
+
+
+def _text(value: object, where: str) -> str:
+    if not isinstance(value, (int, str)) or isinstance(value, bool):
+        raise SurgeryError(f"{where}: a tensor name part must be an integer or a text, got {value!r}")
+    return str(value)
+
+
 def _check_source(source: Checkpoint, rules: RuleFile) -> None:
     if not source.config:
         raise SurgeryError(f"{source.location}: no config.json, so the architecture cannot be checked against {rules.name}")
@@ -165,12 +184,15 @@ def _check_source(source: Checkpoint, rules: RuleFile) -> None:
 
 
 def _output_config(source: Checkpoint, rules: RuleFile, options: Options, names: dict) -> dict:
-    config = {k: v for k, v in source.config.items() if k not in rules.config_delete}
+    config = _copy_config(source.config)
+    for key in rules.config_delete:
+        _pop(config, key)
     for old, new in rules.config_rename.items():
-        if old in config:
-            config[new] = config.pop(old)
+        if _has(config, old):
+            _set(config, new, _pop(config, old))
     for key, value in rules.config_set.items():
-        config[key] = render(value, names, f"{rules.path}: config.set.{key}")
+        _set(config, render(key, names, f"{rules.path}: config.set"),
+             render(value, names, f"{rules.path}: config.set.{key}"))
     config["model_type"] = rules.target["model_type"]
     if rules.target["architectures"]:
         config["architectures"] = list(rules.target["architectures"])
@@ -180,12 +202,148 @@ def _output_config(source: Checkpoint, rules: RuleFile, options: Options, names:
     return config
 
 
+def _copy_config(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _copy_config(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_config(v) for v in value]
+    return value
+
+
+def _parent(config: dict, dotted: str, create: bool) -> tuple[dict | None, str]:
+    """The mapping holding the last part of a dotted config key (`text_config.num_experts`), and that part."""
+    *path, last = dotted.split(".")
+    node = config
+    for part in path:
+        if not isinstance(node.get(part), dict):
+            if not create:
+                return None, last
+            node[part] = {}
+        node = node[part]
+    return node, last
+
+
+def _has(config: dict, key: str) -> bool:
+    parent, last = _parent(config, key, create=False)
+    return parent is not None and last in parent
+
+
+def _pop(config: dict, key: str) -> object:
+    parent, last = _parent(config, key, create=False)
+    return parent.pop(last, None) if parent is not None else None
+
+
+def _set(config: dict, key: object, value: object) -> None:
+    if not isinstance(key, str) or not key:
+        raise SurgeryError(f"config.set: key {key!r} is not a field name")
+    parent, last = _parent(config, key, create=True)
+    parent[last] = value
+
+
+def _exactness(rules: RuleFile, names: dict) -> tuple[bool | None, str]:
+    """(True, why) when the rule file says its output computes the source's function, (False, why not), or
+    (None, "") when it says nothing."""
+    if rules.exact is None:
+        return None, ""
+    for when, why in rules.exact.unless:
+        if evaluate(when, names, f"{rules.path}: exact.unless"):
+            return False, why
+    return True, rules.exact.because
+
+
 class _Planner:
     def __init__(self, source: Checkpoint, rules: RuleFile, options: Options, names: dict):
         self.source, self.rules, self.options, self.names = source, rules, options, names
-        self.counts = {rule.where: 0 for rule in rules.tensors}
+        self.stats = {rule.where: RuleStats() for rule in rules.tensors}
         self.model_dtype = options.dtype or _float_or_f32(source.dominant_dtype)
+        self.taken: set[str] = set()
         self.outputs = self.nbytes = 0
+
+    def apply(self) -> list[PlannedTensor]:
+        """Outputs in natural name order (`layers.9` before `layers.10`), whatever the source's layout."""
+        planned: list[PlannedTensor] = []
+        for rule in self.rules.tensors:
+            planned += self._rule(rule)
+        dropped = [compile_pattern(template) for template in self.rules.drop]
+        for info in self.source.tensors.values():
+            if info.name in self.taken or any(p.fullmatch(info.name) for p in dropped):
+                continue
+            self._count(1, info.nbytes, f"{self.source.location}: {info.name}")
+            target = self.options.dtype if info.dtype in dtypes.FLOATS and self.options.dtype else info.dtype
+            planned.append(PlannedTensor(self._output(info.name, Source(info, self.source.files), target),
+                                         (info.name,), "unchanged"))
+        _check_unique(planned, self.rules)
+        return sorted(planned, key=lambda p: natural_key(p.tensor.name))
+
+    def _rule(self, rule: TensorRule) -> list[PlannedTensor]:
+        where = f"{self.rules.path}: {rule.where}"
+        pattern, internal = compile_pattern(rule.for_each), rule.value.bound()
+        stats, seen, out = self.stats[rule.where], set(), []
+        for info in self.source.tensors.values():
+            match = pattern.fullmatch(info.name)
+            if match is None:
+                continue
+            stats.matched += 1
+            captured = {k: int(v) if v.isdigit() else v for k, v in match.groupdict().items() if k not in internal}
+            key = tuple(sorted(captured.items()))
+            if key in seen:
+                continue
+            seen.add(key)
+            for binding, share in self._fan_out(rule, captured, where):
+                names = {**self.names, **binding}
+                if rule.when is not None and not evaluate(rule.when, names, f"{where}.when"):
+                    continue
+                name = fill(rule.to, names, f"{where}.to")
+                check_name(name, where)
+                builder = _Builder(self, names, name)
+                node = builder.build(rule.value)
+                target = self._dtype(rule, node)
+                tensor = self._output(name, node, target)
+                self._count(1, tensor.nbytes, where)
+                self.taken |= builder.taken
+                stats.outputs += 1
+                if isinstance(tensor.producer, Copy):
+                    stats.copied += tensor.nbytes
+                else:
+                    stats.computed += tensor.nbytes
+                sources = tuple(leaf.info.name for leaf in node.leaves())
+                out.append(PlannedTensor(tensor, sources, rule.where, share * builder.share))
+        if not stats.matched and not rule.optional:
+            raise SurgeryError(f"{where} ({rule.for_each}) matches no tensor of {self.source.location}")
+        return out
+
+    def _fan_out(self, rule: TensorRule, captured: dict, where: str) -> list[tuple[dict, Fraction]]:
+        """Bindings of the output name's free indices (those not captured from the source name), with the share of
+        them a token uses."""
+        free = [self.rules.indices[n] for n in dict.fromkeys(placeholders(rule.to)) if n in self.rules.indices
+                and n not in captured]
+        ranges, share, combos = [], Fraction(1), 1
+        for index in free:
+            count = self.integer(index.count, f"indices.{index.name}.count")
+            ranges.append(range(count))
+            combos *= count
+            if self.outputs + combos > MAX_OUTPUTS:
+                raise SurgeryError(
+                    f"{where}: fanning out over {index.name} ({count}) would make more than {MAX_OUTPUTS:,} output tensors"
+                )
+            if index.active is not None and count:
+                share *= Fraction(self.integer(index.active, f"indices.{index.name}.active"), count)
+        return [({**captured, **dict(zip((i.name for i in free), combo))}, share)
+                for combo in itertools.product(*ranges)]
+
+    def _dtype(self, rule: TensorRule, node: Node) -> str:
+        """The stored dtype: the rule's, else --dtype for float values, else the value's own."""
+        if rule.dtype is not None:
+            return dtypes.parse_float_dtype(rule.dtype)
+        if self.options.dtype and node.dtype in dtypes.FLOATS:
+            return self.options.dtype
+        return node.dtype
+
+    def _output(self, name: str, node: Node, dtype: str) -> OutputTensor:
+        try:
+            return OutputTensor(name, dtype, node.shape, produce(node, dtype))
+        except SurgeryError as exc:
+            raise SurgeryError(f"{name}: {exc}") from None
 
     def _count(self, outputs: int, nbytes: int, where: str) -> None:
         """Add to the plan's size, refusing it before it grows past what a checkpoint can hold."""
@@ -196,88 +354,190 @@ class _Planner:
         if self.nbytes > MAX_OUTPUT_BYTES:
             raise SurgeryError(f"{where}: the plan would write more than {MAX_OUTPUT_BYTES:,} bytes")
 
-    def apply(self) -> list[PlannedTensor]:
-        """Outputs in natural name order (`layers.9` before `layers.10`), whatever the source's layout."""
-        planned: list[PlannedTensor] = []
-        rules = [(rule, rule.pattern) for rule in self.rules.tensors]
-        for info in self.source.tensors.values():
-            hits = [(rule, m) for rule, pattern in rules if (m := pattern.fullmatch(info.name))]
-            if not any(not rule.is_new for rule, _ in hits):
-                self._count(1, info.nbytes, f"{self.source.location}: {info.name}")
-                planned.append(PlannedTensor(self._copy(info, info.name), info.name, "unchanged"))
-            for rule, match in hits:
-                self.counts[rule.where] += 1
-                planned += self._outputs(rule, match.groupdict(), info)
-        unmatched = [rule for rule in self.rules.tensors if self.counts[rule.where] == 0]
-        if unmatched:
-            rule = unmatched[0]
-            raise SurgeryError(
-                f"{self.rules.path}: {rule.where} ({rule.source or rule.for_each}) matches no tensor of "
-                f"{self.source.location}"
-            )
-        _check_unique(planned, self.rules)
-        return sorted(planned, key=lambda p: natural_key(p.tensor.name))
-
-    def _outputs(self, rule: TensorRule, bound: dict[str, str], info: TensorInfo) -> list[PlannedTensor]:
-        """What one rule makes of one matching source tensor: copies, or new tensors."""
-        out = []
-        where = f"{self.rules.path}: {rule.where}"
-        for values, share in self._fan_out(rule, bound):
-            name = fill(rule.to, values)
-            check_name(name, where)
-            if not rule.is_new:
-                self._count(1, info.nbytes, where)
-                out.append(PlannedTensor(self._copy(info, name), info.name, rule.where, share))
-                continue
-            names = {**self.names, **values}
-            shape = tuple(self._int(d, f"{rule.where}.shape", names) for d in rule.shape)
-            dtype = dtypes.parse_float_dtype(rule.dtype) if rule.dtype else self.model_dtype
-            self._count(1, dtypes.nbytes(dtype, _bounded_numel(shape, where)), where)
-            tensor = OutputTensor(name, dtype, shape, self._init(rule, name, shape, dtype, names))
-            out.append(PlannedTensor(tensor, None, rule.where, share))
-        return out
-
-    def _fan_out(self, rule: TensorRule, bound: dict[str, str]) -> list[tuple[dict[str, int], Fraction]]:
-        values = {k: int(v) for k, v in bound.items()}
-        free = [self.rules.indices[name] for name in dict.fromkeys(placeholders(rule.to)) if name not in values]
-        ranges, share, combos = [], Fraction(1), 1
-        for index in free:
-            count = self._int(index.count, f"indices.{index.name}.count")
-            ranges.append(range(count))
-            combos *= count
-            if self.outputs + combos > MAX_OUTPUTS:
-                raise SurgeryError(
-                    f"{self.rules.path}: {rule.where}: fanning out over {index.name} ({count}) would make more than "
-                    f"{MAX_OUTPUTS:,} output tensors"
-                )
-            if index.active is not None and count:
-                share *= Fraction(self._int(index.active, f"indices.{index.name}.active"), count)
-        return [({**values, **dict(zip((i.name for i in free), combo))}, share) for combo in itertools.product(*ranges)]
-
-    def _copy(self, info: TensorInfo, name: str) -> OutputTensor:
-        segment = Segment(self.source.files, info.file, info.offset, info.nbytes)
-        target = self.options.dtype
-        if target and info.dtype in dtypes.FLOATS and info.dtype != target:
-            return OutputTensor(name, target, info.shape, cast(segment, info.dtype, target, info.numel))
-        return OutputTensor(name, info.dtype, info.shape, Copy((segment,)))
-
-    def _init(self, rule: TensorRule, name: str, shape: tuple[int, ...], dtype: str, names: dict) -> Producer:
-        numel = math.prod(shape)
-        if rule.init == "router":
-            kind = self.options.router_init
-            scale = self.options.router_std if kind == "normal" else 1 / math.sqrt(shape[-1]) if shape else 1.0
-        elif rule.init == "zeros":
-            kind, scale = "zeros", 0.0
-        else:
-            kind, expr = next(iter(rule.init.items()))
-            scale = float(evaluate(expr, names, f"{self.rules.path}: {rule.where}.init.{kind}"))
-        return random_init(kind, scale, dtype, numel, self.options.seed, name)
-
-    def _int(self, expr: object, where: str, names: dict | None = None) -> int:
+    def integer(self, expr: object, where: str, names: dict | None = None) -> int:
         value = evaluate(expr, names or self.names, f"{self.rules.path}: {where}")
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise SurgeryError(f"{self.rules.path}: {where}: {expr!r} gives {value!r}, not a non-negative integer")
         return value
+
+
+class _Builder:
+    """Builds one output's value tree from its spec, with the names of one binding; records the source tensors it
+    takes and the active share of the experts it stacks."""
+
+    def __init__(self, planner: _Planner, names: dict, output: str):
+        self.planner, self.names, self.output = planner, names, output
+        self.taken: set[str] = set()
+        self.share = Fraction(1)
+
+    def build(self, spec: Spec, names: dict | None = None) -> Node:
+        names = names or self.names
+        return getattr(self, f"_{spec.op}")(spec, names)
+
+    def fail(self, spec: Spec, problem: str) -> SurgeryError:
+        return SurgeryError(f"{self.planner.rules.path}: {spec.where}: {problem} (building {self.output})")
+
+    def eval(self, spec: Spec, field_name: str, names: dict) -> object:
+        return evaluate(spec.args[field_name], names, f"{self.planner.rules.path}: {spec.where}.{field_name}")
+
+    def integer(self, spec: Spec, field_name: str, names: dict, default: int | None = None) -> int:
+        if field_name not in spec.args:
+            return default  # type: ignore[return-value]
+        value = self.eval(spec, field_name, names)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.fail(spec, f"{field_name} must be an integer, got {value!r}")
+        return value
+
+    def number(self, spec: Spec, field_name: str, names: dict, low: float = 0.0, high: float = math.inf) -> float:
+        value = self.eval(spec, field_name, names)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low <= value <= high) \
+                or not math.isfinite(value):
+            raise self.fail(spec, f"{field_name} must be a finite number from {low:g} to {high:g}, got {value!r}")
+        return float(value)
+
+    def dim(self, spec: Spec, node: Node, names: dict) -> int:
+        d = self.integer(spec, "dim", names)
+        if not -len(node.shape) <= d < len(node.shape):
+            raise self.fail(spec, f"dim {d} does not exist in a tensor of shape {list(node.shape)}")
+        return d % len(node.shape)
+
+    def children(self, spec: Spec, names: dict) -> list[Node]:
+        return [self.build(child, names) for child in spec.children]
+
+    def over(self, spec: Spec, names: dict) -> list[Node]:
+        """The child built once per value of the `over` index."""
+        index = self.planner.rules.indices[spec.args["over"]]
+        count = self.planner.integer(index.count, f"indices.{index.name}.count", names)
+        if not 1 <= count <= MAX_PARTS:
+            raise self.fail(spec, f"over {index.name}: {count} parts (from 1 to {MAX_PARTS:,} allowed)")
+        if index.active is not None:
+            self.share *= Fraction(self.planner.integer(index.active, f"indices.{index.name}.active", names), count)
+        return [self.build(spec.children[0], {**names, index.name: i}) for i in range(count)]
+
+    def _tensor(self, spec: Spec, names: dict) -> Node:
+        name = fill(spec.args["name"], names, f"{self.planner.rules.path}: {spec.where}")
+        info = self.planner.source.tensors.get(name)
+        if info is None:
+            raise self.fail(spec, f"the source has no tensor {name!r}")
+        self.taken.add(name)
+        return Source(info, self.planner.source.files)
+
+    def _init(self, spec: Spec, names: dict) -> Node:
+        kind = fill(spec.args["kind"], names, f"{self.planner.rules.path}: {spec.where}.init")
+        if kind not in INITS:
+            raise self.fail(spec, f"init {kind!r} is not one of {', '.join(INITS)}")
+        shape = tuple(self.planner.integer(d, f"{spec.where}.shape", names) for d in spec.args["shape"])
+        _bounded_numel(shape, f"{self.planner.rules.path}: {spec.where}")
+        scale = 0.0
+        if kind == "normal":
+            scale = self.number(spec, "std", names, high=1e6) if "std" in spec.args else 1.0
+        elif kind == "uniform":
+            default = 1 / math.sqrt(shape[-1]) if shape and shape[-1] else 1.0
+            scale = self.number(spec, "bound", names, high=1e6) if "bound" in spec.args else default
+        key = fill(spec.args.get("key", self.output), names, f"{self.planner.rules.path}: {spec.where}.key")
+        dtype = spec.args.get("dtype") or self.planner.model_dtype
+        return Init(kind, shape, dtype, scale, self.planner.options.seed, key)
+
+    def _slice(self, spec: Spec, names: dict) -> Node:
+        child = self.build(spec.children[0], names)
+        d = self.dim(spec, child, names)
+        size = child.shape[d]
+        if "parts" in spec.args:
+            parts, part = self.integer(spec, "parts", names), self.integer(spec, "part", names)
+            if parts < 1 or size % parts or not 0 <= part < parts:
+                raise self.fail(spec, f"part {part} of {parts} equal parts of a dim of {size}: the parts must divide it")
+            start, stop, step = part * size // parts, (part + 1) * size // parts, 1
+        else:
+            start, stop = self.integer(spec, "start", names, 0), self.integer(spec, "stop", names, size)
+            step = self.integer(spec, "step", names, 1)
+            if not (0 <= start <= stop <= size and step >= 1):
+                raise self.fail(spec, f"slice {start}:{stop}:{step} does not fit a dim of {size} (no clipping)")
+        if (start, stop, step) == (0, size, 1):
+            return child
+        return Slice(child, d, start, stop, step)
+
+    def _take(self, spec: Spec, names: dict) -> Node:
+        child = self.build(spec.children[0], names)
+        d = self.dim(spec, child, names)
+        size, index = child.shape[d], self.eval(spec, "index", names)
+        if isinstance(index, int) and not isinstance(index, bool):
+            if not 0 <= index < size:
+                raise self.fail(spec, f"index {index} is out of range for a dim of {size}")
+            return Take(child, d, index=index)
+        if not isinstance(index, (list, range)) or not all(isinstance(i, int) and 0 <= i < size for i in index):
+            raise self.fail(spec, f"index must be an integer or a list of integers from 0 to {size - 1}, got {index!r}")
+        return Take(child, d, indices=tuple(index))
+
+    def _repeat(self, spec: Spec, names: dict) -> Node:
+        child = self.build(spec.children[0], names)
+        d, times = self.dim(spec, child, names), self.integer(spec, "times", names)
+        if not 1 <= times <= MAX_PARTS:
+            raise self.fail(spec, f"times must be from 1 to {MAX_PARTS:,}, got {times}")
+        if times == 1:
+            return child
+        return Take(child, d, indices=tuple(j // times for j in range(child.shape[d] * times)))
+
+    def _concat(self, spec: Spec, names: dict) -> Node:
+        parts = self.children(spec, names)
+        d = self.dim(spec, parts[0], names)
+        for part in parts[1:]:
+            _same(self, spec, parts[0], part, skip=d)
+        return parts[0] if len(parts) == 1 else Concat(tuple(parts), d)
+
+    def _stack(self, spec: Spec, names: dict) -> Node:
+        parts = self.over(spec, names)
+        for part in parts[1:]:
+            _same(self, spec, parts[0], part)
+        return Stack(tuple(parts), f"stack over {spec.args['over']}")
+
+    def _scale(self, spec: Spec, names: dict) -> Node:
+        child = self.build(spec.children[0], names)
+        factor = self.number(spec, "by", names, low=-1e30, high=1e30)
+        return child if factor == 1 else Scale(child, factor)
+
+    def _add(self, spec: Spec, names: dict) -> Node:
+        parts = self.children(spec, names)
+        for part in parts[1:]:
+            _same(self, spec, parts[0], part)
+        return parts[0] if len(parts) == 1 else Add(tuple(parts))
+
+    def _mean(self, spec: Spec, names: dict) -> Node:
+        parts = self.over(spec, names)
+        for part in parts[1:]:
+            _same(self, spec, parts[0], part)
+        return parts[0] if len(parts) == 1 else Mean(tuple(parts), f"mean over {spec.args['over']}")
+
+    def _cast(self, spec: Spec, names: dict) -> Node:
+        child = self.build(spec.children[0], names)
+        return child if child.dtype == spec.args["dtype"] else Cast(child, spec.args["dtype"])
+
+    def _noise(self, spec: Spec, names: dict) -> Node:
+        child = self.build(spec.children[0], names)
+        std = self.number(spec, "std", names, high=1e6)
+        if std == 0:
+            return child
+        key = fill(spec.args.get("key", f"{self.output}#noise"), names, f"{self.planner.rules.path}: {spec.where}.key")
+        return Noise(child, std, bool(spec.args.get("relative", False)), self.planner.options.seed, key)
+
+    def _reinit(self, spec: Spec, names: dict) -> Node:
+        child = self.build(spec.children[0], names)
+        if len(child.shape) != 2:
+            raise self.fail(spec, f"reinit applies to matrices, not a tensor of shape {list(child.shape)}")
+        d = self.dim(spec, child, names)
+        fraction = self.number(spec, "fraction", names, high=1.0)
+        if math.floor(fraction * child.shape[d]) == 0:
+            return child
+        key = fill(spec.args["key"], names, f"{self.planner.rules.path}: {spec.where}.key")
+        return Reinit(child, d, fraction, self.planner.options.seed, key, f"{key}#{self.output}")
+
+
+def _same(builder: _Builder, spec: Spec, a: Node, b: Node, skip: int | None = None) -> None:
+    """Parts of a concat, stack, add or mean must agree in dtype and in shape (but along `skip`)."""
+    shape_a = [n for i, n in enumerate(a.shape) if i != skip]
+    shape_b = [n for i, n in enumerate(b.shape) if i != skip]
+    if a.dtype != b.dtype or len(a.shape) != len(b.shape) or shape_a != shape_b:
+        raise builder.fail(spec, f"parts differ: {a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)} "
+                                 "(cast them to one dtype, or check the shapes)")
 
 
 def _bounded_numel(shape: tuple[int, ...], where: str) -> int:

@@ -1,29 +1,33 @@
-"""Producers write one output tensor's bytes: copies of source byte ranges, or values computed in chunks."""
+"""Producers write one output tensor's bytes: byte copies of source ranges, or values computed a box at a time.
+
+`produce(node, dtype)` picks the cheapest: a tree of layout ops over sources of the output's dtype is a `Copy`
+(strided `copy_file_range` runs; nothing enters Python memory) unless its runs are tiny, then a `Gather` (source
+words rearranged in memory); anything with values to compute or a dtype to change is a `Compute`.
+"""
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import dtypes
 from .checkpoint import FileStore
-from .copying import copy_range, write_all
+from .copying import copy_range
 from .errors import SurgeryError
-from .randomness import RandomStream, check_seed
+from .layout import Run, c_strides, runs
+from .values import Context, Node, Source, assemble, boxes, evaluate, flat_start
 
-#: elements per computed chunk: bounds the memory of every computation (16 MiB as fp32)
-CHUNK_ELEMENTS = 4 << 20
+#: a layout whose runs average fewer bytes than this is gathered in memory rather than copied run by run
+MIN_COPY_RUN = 1024
 
 
 @dataclass(frozen=True)
 class Segment:
-    """A byte range of a source file."""
+    """A byte range of a source file (a tensor a producer reads)."""
 
     store: FileStore
     file: str
@@ -38,21 +42,15 @@ class Sources:
         self._uses = Counter(key for p in producers for key in {(s.store, s.file) for s in p.inputs})
         self._fds: dict[tuple[FileStore, str], int] = {}
 
-    def fd(self, segment: Segment) -> int:
-        key = (segment.store, segment.file)
+    def fd_for(self, store: FileStore, file: str) -> int:
+        key = (store, file)
         if key not in self._fds:
-            path = segment.store.fetch(segment.file)
+            path = store.fetch(file)
             try:
                 self._fds[key] = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
                 raise SurgeryError(f"{path}: source shard disappeared while writing") from None
         return self._fds[key]
-
-    def read(self, segment: Segment, start: int, length: int) -> bytes:
-        data = os.pread(self.fd(segment), length, segment.offset + start)
-        if len(data) != length:
-            raise SurgeryError(f"{segment.file}: ended early while reading (was it truncated?)")
-        return data
 
     def finished(self, producer: Producer) -> None:
         for key in {(s.store, s.file) for s in producer.inputs}:
@@ -73,113 +71,107 @@ class Sources:
 
 @dataclass(frozen=True)
 class Copy:
-    """Bytes taken verbatim from source files: a copy, a stack or concatenation along dim 0, or leading rows."""
+    """Bytes taken verbatim from source files: strided runs, moved in the kernel (`copy_file_range`)."""
 
-    inputs: tuple[Segment, ...]
+    node: Node
+    runs: tuple[tuple[Source, Run], ...]
 
     @property
-    def nbytes(self) -> int:
-        return sum(s.length for s in self.inputs)
+    def inputs(self) -> tuple[Segment, ...]:
+        return _inputs(self.node)
 
-    def write(self, dst_fd: int, sources: Sources) -> None:
-        for s in self.inputs:
-            try:
-                copy_range(sources.fd(s), dst_fd, s.offset, s.length)
-            except SurgeryError as exc:
-                raise SurgeryError(f"{s.file}: {exc}") from None
+    def write(self, fd: int, offset: int, sources: Sources) -> None:
+        for source, run in self.runs:
+            src_fd = sources.fd_for(source.store, source.info.file)
+            for k in range(run.count):
+                try:
+                    copy_range(src_fd, fd, run.src + k * run.src_step, run.length, offset + run.dst + k * run.dst_step)
+                except SurgeryError as exc:
+                    raise SurgeryError(f"{source.info.file}: {exc}") from None
 
-    def iter_bytes(self, sources: Sources) -> Iterator[bytes]:
-        """The same bytes as `write`, read into memory a bounded chunk at a time (for verification)."""
-        step = CHUNK_ELEMENTS
-        for s in self.inputs:
-            for start in range(0, s.length, step):
-                yield sources.read(s, start, min(step, s.length - start))
+    def iter_bytes(self, sources: Sources) -> Iterator[tuple[int, bytes]]:
+        """The same bytes as `write`, each with its place in the tensor, read into memory (for verification)."""
+        for source, run in self.runs:
+            fd = sources.fd_for(source.store, source.info.file)
+            for k in range(run.count):
+                data = os.pread(fd, run.length, run.src + k * run.src_step)
+                if len(data) != run.length:
+                    raise SurgeryError(f"{source.info.file}: ended early while reading (was it truncated?)")
+                yield run.dst + k * run.dst_step, data
 
     def describe(self) -> str:
-        return "copy"
+        return f"copy of {self.node.describe()}"
 
 
 @dataclass(frozen=True)
 class Compute:
-    """Values made chunk by chunk, encoded to `dtype`; `chunks` yields float32 or float64 arrays in row-major order."""
+    """Values made a box at a time and encoded to `dtype` (`raw`: source words rearranged, no float conversion)."""
 
+    node: Node
     dtype: str
-    numel: int
-    chunks: Callable[[Sources], Iterator[np.ndarray]]
-    label: str
-    inputs: tuple[Segment, ...] = ()
+    raw: bool = False
 
     @property
-    def nbytes(self) -> int:
-        return dtypes.nbytes(self.dtype, self.numel)
+    def inputs(self) -> tuple[Segment, ...]:
+        return _inputs(self.node)
 
-    def write(self, dst_fd: int, sources: Sources) -> None:
-        for chunk in self.iter_bytes(sources):
-            write_all(dst_fd, chunk)
-            del chunk  # let the chunk go before the next one is made: bounds peak memory
+    def write(self, fd: int, offset: int, sources: Sources) -> None:
+        for position, data in self.iter_bytes(sources):
+            _write_at(fd, data, offset + position)
+            del data  # let the chunk go before the next one is made: bounds peak memory
 
-    def iter_bytes(self, sources: Sources) -> Iterator[memoryview]:
-        produced = 0
-        for values in self.chunks(sources):
-            produced += values.size
-            encoded = dtypes.encode(values, self.dtype)
-            del values
-            yield encoded
-            del encoded
-        if produced != self.numel:
-            raise AssertionError(f"{self.label}: produced {produced} of {self.numel} elements")
+    def iter_bytes(self, sources: Sources) -> Iterator[tuple[int, memoryview]]:
+        ctx, itemsize = Context(sources), dtypes.itemsize(self.dtype)
+        pieces = self.node.pieces() if self.raw else None
+        for box in boxes(self.node.shape):
+            if pieces is not None:
+                data = memoryview(np.ascontiguousarray(assemble(pieces, box, ctx, raw=True))).cast("B")
+            else:
+                data = dtypes.encode(evaluate(self.node, box, ctx), self.dtype)
+            yield flat_start(box, self.node.shape) * itemsize, data
+            del data
 
     def describe(self) -> str:
-        return self.label
+        what = self.node.describe()
+        return f"gather of {what}" if self.raw else (what if self.node.dtype == self.dtype else f"{what} as {self.dtype}")
 
 
 Producer = Copy | Compute
 
 
-def cast(segment: Segment, src_dtype: str, dst_dtype: str, numel: int) -> Compute:
-    """Convert a source tensor to another float dtype, a chunk at a time."""
-    step = dtypes.nbytes(src_dtype, CHUNK_ELEMENTS)
-
-    def chunks(sources: Sources) -> Iterator[np.ndarray]:
-        for start in range(0, segment.length, step):
-            yield dtypes.decode(sources.read(segment, start, min(step, segment.length - start)), src_dtype)
-
-    return Compute(dst_dtype, numel, chunks, f"cast {src_dtype}->{dst_dtype}", (segment,))
-
-
-INITS = ("normal", "zeros", "uniform")
-
-
-def random_init(kind: str, scale: float, dtype: str, numel: int, seed: int, key: str) -> Compute:
-    """A new tensor: normal(0, scale), uniform(-scale, scale) or zeros, drawn from RandomStream(seed, key)."""
-    if kind not in INITS:
-        raise SurgeryError(f"unknown init {kind!r}: use one of {', '.join(INITS)}")
-    try:
-        check_seed(seed)
-    except ValueError as exc:
-        raise SurgeryError(str(exc)) from None
-    if not isinstance(scale, numbers.Real) or not (math.isfinite(scale) and scale >= 0):
-        raise SurgeryError(f"{kind} init of {key!r}: the scale must be a finite number >= 0, got {scale!r}")
-    scale = float(scale)
-
-    def chunks(_: Sources) -> Iterator[np.ndarray]:
-        stream = RandomStream(seed, key)
-        for start in range(0, numel, CHUNK_ELEMENTS):
-            yield _draw(stream, kind, scale, min(CHUNK_ELEMENTS, numel - start))
-
-    label = "zeros" if kind == "zeros" else f"{kind}({scale:g})"
-    return Compute(dtype, numel, chunks, label)
+def produce(node: Node, dtype: str) -> Producer:
+    """The producer of `node`'s values stored as `dtype`: a copy where the bytes allow, else a computation."""
+    if node.computed() or node.dtype != dtype:
+        if dtype not in dtypes.FLOATS or any(leaf.dtype not in dtypes.FLOATS for leaf in node.leaves()):
+            raise SurgeryError(f"{node.describe()}: values can only be computed for float tensors, not {dtype}")
+        return Compute(node, dtype)
+    nbytes = dtypes.nbytes(dtype, node.numel)
+    if isinstance(node, Source):
+        return Copy(node, ((node, Run(node.info.offset, 0, nbytes, 1, 0, 0)),) if nbytes else ())
+    if dtypes.BITS[dtype] % 8:
+        raise SurgeryError(f"{node.describe()}: {dtype} tensors can be copied whole, not sliced or stacked")
+    pieces = node.pieces()
+    itemsize = dtypes.itemsize(dtype)
+    out_strides = c_strides(node.shape, itemsize)
+    copies = tuple(
+        (piece.view.base, run)
+        for piece in pieces
+        for run in runs(piece.view, piece.view.base.info.offset, piece.view.base.strides, itemsize,
+                        sum(a * s for a, s in zip(piece.at, out_strides)), out_strides)
+    )
+    count = sum(run.count for _, run in copies)
+    if count and nbytes / count < MIN_COPY_RUN and count > 16:
+        return Compute(node, dtype, raw=True)
+    return Copy(node, copies)
 
 
-def _draw(stream: RandomStream, kind: str, scale: float, n: int) -> np.ndarray:
-    """The next `n` values of an init (float64, rounded once when encoded)."""
-    if kind == "zeros":
-        return np.zeros(n, dtype=np.float32)
-    if kind == "normal":
-        values = stream.normal(n)
-    else:
-        values = stream.uniform(n)
-        values *= 2.0
-        values -= 1.0  # exact: uniform in [-1, 1)
-    values *= scale
-    return values
+def _inputs(node: Node) -> tuple[Segment, ...]:
+    return tuple(Segment(leaf.store, leaf.info.file, leaf.info.offset, leaf.info.nbytes) for leaf in node.leaves())
+
+
+def _write_at(fd: int, data: memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+

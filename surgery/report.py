@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 from . import __version__
 from .plan import Plan
@@ -31,41 +30,54 @@ def parameter_line(trainable: int, total: int) -> str:
 
 
 def plan_summary(plan: Plan, list_tensors: bool = False) -> str:
-    """What `surgery plan` prints: parameters, bytes, what each rule does, and the shard layout."""
+    """What `surgery plan` prints: parameters, bytes, what each rule does, exactness, and the shard layout."""
     src, opts = plan.source, plan.options
     shards = plan.shards()
-    by_rule = Counter(p.rule for p in plan.tensors)
+    copied = sum(s.copied for s in plan.stats.values())
+    computed = sum(s.computed for s in plan.stats.values())
+    unchanged = [p for p in plan.tensors if p.rule == "unchanged"]
     lines = [
         f"source:     {src.location} ({src.config.get('model_type')}, {src.num_parameters:,} parameters, "
         f"{len({t.file for t in src.tensors.values()})} file(s))" + (f" @ {src.revision}" if src.revision else ""),
         f"rules:      {plan.rules.name} ({plan.rules.path})",
         f"target:     {plan.config.get('model_type')} {', '.join(plan.config.get('architectures', []))}",
-        f"options:    {opts.num_experts} experts, top-{opts.experts_per_token}, router {opts.router_init}"
-        + (f"(std {opts.router_std:g})" if opts.router_init == "normal" else "")
-        + f", seed {opts.seed}, dtype {opts.dtype or 'as source'}",
+        f"recipe:     {''.join(f'{k}={v}, ' for k, v in plan.params.items())}seed {opts.seed}, "
+        f"dtype {opts.dtype or 'as source'}",
         f"parameters: {src.num_parameters:,} -> {plan.num_parameters:,} total "
         f"({human_count(src.num_parameters)} -> {human_count(plan.num_parameters)}), "
         f"{plan.active_parameters:,} active per token ({human_count(plan.active_parameters)})",
         f"output:     {plan.nbytes:,} bytes ({human_bytes(plan.nbytes)}) in {len(shards)} shard(s) "
-        f"of at most {human_bytes(opts.max_shard_size)}",
+        f"of at most {human_bytes(opts.max_shard_size)}; {human_bytes(copied + _bytes(unchanged))} copied as is, "
+        f"{human_bytes(computed)} computed",
+        f"exact:      {exactness_line(plan)}",
         f"tensors:    {len(plan.tensors)}",
     ]
     for rule in plan.rules.tensors:
+        stats = plan.stats[rule.where]
         lines.append(
-            f"  {rule.where}: {rule.source or 'new'} -> {rule.to}: {plan.rule_counts.get(rule.where, 0)} matched, "
-            f"{by_rule.get(rule.where, 0)} written"
+            f"  {rule.where}: {rule.for_each} -> {rule.to}: {stats.matched} matched, {stats.outputs} written "
+            f"({human_bytes(stats.copied)} copied, {human_bytes(stats.computed)} computed)"
         )
-    lines.append(f"  unchanged (no rule matched, copied as is): {by_rule.get('unchanged', 0)}")
+    lines.append(f"  unchanged (no rule took them, copied as is): {len(unchanged)}")
     lines.append("shards:")
     lines += [f"  {name}  {human_bytes(sum(t.nbytes for t in ts)):>10}  {len(ts)} tensors" for name, ts in shards]
     if list_tensors:
         lines.append("tensors:")
-        lines += [
-            f"  {p.tensor.name}  {p.tensor.dtype}{list(p.tensor.shape)}  <- "
-            + (f"{p.source} ({p.tensor.producer.describe()})" if p.source else p.tensor.producer.describe())
-            for p in plan.tensors
-        ]
+        lines += [f"  {p.tensor.name}  {p.tensor.dtype}{list(p.tensor.shape)}  <- {p.tensor.producer.describe()}"
+                  for p in plan.tensors]
     return "\n".join(lines)
+
+
+def exactness_line(plan: Plan) -> str:
+    """`function-preserving at init: yes (why)`, `no (why)`, or that the rule file does not say."""
+    verdict, why = plan.exact
+    if verdict is None:
+        return "function-preserving at init: not stated by the rule file"
+    return f"function-preserving at init: {'yes' if verdict else 'no'} ({why})"
+
+
+def _bytes(planned: list) -> int:
+    return sum(p.tensor.nbytes for p in planned)
 
 
 def model_card(plan: Plan, command: str | None = None) -> str:
@@ -76,10 +88,7 @@ def model_card(plan: Plan, command: str | None = None) -> str:
         "source_revision": src.revision,
         "rules": plan.rules.name,
         "rules_sha256": plan.rules.sha256,
-        "num_experts": opts.num_experts,
-        "experts_per_token": opts.experts_per_token,
-        "router_init": opts.router_init,
-        "router_std": opts.router_std,
+        "parameters": plan.params,
         "seed": opts.seed,
         "dtype": opts.dtype or "as source",
         "surgery_version": __version__,
@@ -89,10 +98,9 @@ def model_card(plan: Plan, command: str | None = None) -> str:
         "tags: [moe, upcycled, surgery]",
         *([f"base_model: {src.location}"] if src.revision else []),  # a Hub source: link the model back to it
         "---",
-        f"# {plan.config.get('model_type')} upcycled from {src.location}",
+        f"# {plan.config.get('model_type')} made from {src.location}",
         "",
-        f"Sparse upcycling (arXiv 2212.05055) with surgery "
-        f"rule file `{plan.rules.name}`: {plan.rules.description}",
+        f"Made with surgery, rule file `{plan.rules.name}`: {plan.rules.description}",
         "",
         "| | parameters |",
         "|---|---|",
@@ -100,8 +108,7 @@ def model_card(plan: Plan, command: str | None = None) -> str:
         f"| this model | {plan.num_parameters:,} ({human_count(plan.num_parameters)}) |",
         f"| active per token | {plan.active_parameters:,} ({human_count(plan.active_parameters)}) |",
         "",
-        "The experts start as copies of the dense MLP and the router is freshly initialised: continue",
-        "pre-training this model before use.",
+        exactness_line(plan)[0].upper() + exactness_line(plan)[1:] + ".",
         "",
         "## Recipe",
         "```json",

@@ -1,6 +1,7 @@
-"""Rule files: the YAML tables that say how an architecture's tensors and config become another's.
+"""Rule files: the YAML that says what each output tensor is and how the config changes.
 
-The schema is documented in docs/rules.md. Loading validates every field and names it in errors.
+The schema is documented in docs/rules.md. A rule file is untrusted input: loading refuses YAML aliases and
+duplicate keys, validates every field, parses every expression (size-capped) and names the field in errors.
 """
 
 from __future__ import annotations
@@ -12,12 +13,18 @@ from pathlib import Path
 
 import yaml
 
+from . import dtypes
 from .errors import SurgeryError
-from .expressions import placeholders
+from .expressions import parse, placeholders
+from .params import Parameter, parse_declaration
 
 _PACKAGE = Path(__file__).resolve().parent
 #: built-in rule files: inside the wheel at surgery/rules, in a source checkout at the repo's rules/
 BUILTIN_DIRS = (_PACKAGE / "rules", _PACKAGE.parent / "rules")
+#: kinds of new tensors
+INITS = ("zeros", "normal", "uniform")
+#: a placeholder that captures a number (`{layer}`), or any text (`{rest:*}`)
+_CAPTURE = re.compile(r"^([A-Za-z_]\w*)(:\*)?$")
 
 
 @dataclass(frozen=True)
@@ -30,24 +37,52 @@ class Index:
 
 
 @dataclass(frozen=True)
+class Spec:
+    """A node of a value tree as written: an op (or `tensor` / `init` leaf), its children and its arguments."""
+
+    op: str
+    where: str
+    children: tuple[Spec, ...] = ()
+    args: dict = field(default_factory=dict)
+
+    def leaves(self) -> list[Spec]:
+        """Source-tensor leaves in tree order."""
+        if self.op == "tensor":
+            return [self]
+        return [leaf for child in self.children for leaf in child.leaves()]
+
+    def bound(self) -> set[str]:
+        """Index names that `stack` and `mean` nodes bind (`over:`) anywhere in the tree."""
+        names = {self.args["over"]} if "over" in self.args else set()
+        for child in self.children:
+            names |= child.bound()
+        return names
+
+
+@dataclass(frozen=True)
 class TensorRule:
-    """`from` a source tensor pattern `to` an output name (fanned out over indices), or a `new` tensor."""
+    """An output (or, with indices, several) named by the `to` template, whose value is `value`.
+
+    `for_each` (a source-name template) says which source tensors drive the rule: one output per match (and per
+    index value); without it, the first source tensor of the value drives it. `when` filters, `dtype` fixes the
+    stored dtype, `optional` allows no match.
+    """
 
     where: str
     to: str
-    source: str | None = None
-    for_each: str | None = None
-    shape: tuple[object, ...] = ()
-    init: object = None
+    value: Spec
+    for_each: str
+    when: str | None = None
     dtype: str | None = None
+    optional: bool = False
 
-    @property
-    def pattern(self) -> re.Pattern[str]:
-        return compile_pattern(self.source if self.source is not None else self.for_each)
 
-    @property
-    def is_new(self) -> bool:
-        return self.source is None
+@dataclass(frozen=True)
+class Exactness:
+    """When the output computes the source model's function at init: `because`, unless one of `unless` holds."""
+
+    because: str
+    unless: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,10 +94,13 @@ class RuleFile:
     source_model_types: tuple[str, ...]
     forbid: dict = field(default_factory=dict)
     target: dict = field(default_factory=dict)
+    parameters: dict[str, Parameter] = field(default_factory=dict)
     indices: dict[str, Index] = field(default_factory=dict)
     config_delete: tuple[str, ...] = ()
     config_rename: dict[str, str] = field(default_factory=dict)
     config_set: dict = field(default_factory=dict)
+    drop: tuple[str, ...] = ()
+    exact: Exactness | None = None
     tensors: tuple[TensorRule, ...] = ()
 
 
@@ -113,9 +151,7 @@ class _StrictLoader(yaml.SafeLoader):
         keys = [self.construct_object(key, deep=True) for key, _ in node.value]
         for (key_node, _), key in zip(node.value, keys):
             if keys.count(key) > 1:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         return super().construct_mapping(node, deep)
 
 
@@ -123,14 +159,18 @@ def parse_rules(doc: object, path: str, sha256: str = "") -> RuleFile:
     """Validate a parsed rule document; errors name the file and the field."""
     r = _Reader(path)
     top = r.mapping(doc, "", required=("name", "source", "target", "tensors"),
-                    optional=("description", "indices", "config"))
+                    optional=("description", "parameters", "indices", "config", "drop", "exact"))
     source = r.mapping(top["source"], "source", required=("model_type",), optional=("forbid",))
     target = r.mapping(top["target"], "target", required=("model_type",), optional=("architectures",))
-    indices = {
-        name: _index(r, name, spec)
-        for name, spec in r.mapping(top.get("indices", {}), "indices").items()
+    parameters = {
+        name: parse_declaration(str(name), spec, r.fail, path)
+        for name, spec in r.mapping(top.get("parameters", {}), "parameters").items()
     }
+    indices = {name: _index(r, name, spec) for name, spec in r.mapping(top.get("indices", {}), "indices").items()}
     config = r.mapping(top.get("config", {}), "config", optional=("delete", "rename", "set"))
+    drop = tuple(r.strings(top.get("drop", []), "drop"))
+    for i, template in enumerate(drop):
+        compile_pattern(template, r, f"drop[{i}]")
     tensors = r.typed(top["tensors"], "tensors", list)
     rules = RuleFile(
         name=r.typed(top["name"], "name", str),
@@ -141,11 +181,14 @@ def parse_rules(doc: object, path: str, sha256: str = "") -> RuleFile:
         forbid=r.mapping(source.get("forbid", {}), "source.forbid"),
         target={"model_type": r.typed(target["model_type"], "target.model_type", str),
                 "architectures": r.strings(target.get("architectures", []), "target.architectures")},
+        parameters=parameters,
         indices=indices,
         config_delete=tuple(r.strings(config.get("delete", []), "config.delete")),
         config_rename={k: r.typed(v, f"config.rename.{k}", str)
                        for k, v in r.mapping(config.get("rename", {}), "config.rename").items()},
         config_set=r.mapping(config.get("set", {}), "config.set"),
+        drop=drop,
+        exact=_exactness(r, top["exact"]) if "exact" in top else None,
         tensors=tuple(_tensor_rule(r, f"tensors[{i}]", spec, indices) for i, spec in enumerate(tensors)),
     )
     if not rules.tensors:
@@ -153,19 +196,27 @@ def parse_rules(doc: object, path: str, sha256: str = "") -> RuleFile:
     return rules
 
 
-def compile_pattern(template: str) -> re.Pattern[str]:
-    """A tensor-name template with `{name}` placeholders as a regex capturing each as a number."""
+def compile_pattern(template: str, r: _Reader | None = None, where: str = "") -> re.Pattern[str]:
+    """A source-name template as a regex: `{name}` captures a number (the same one where repeated), `{name:*}` any
+    text."""
     out, seen = [], set()
-    for literal, name in re.findall(r"([^{}]*)(?:\{([^{}]*)\})?", template):
+    for literal, inner in re.findall(r"([^{}]*)(?:\{([^{}]*)\})?", template):
         out.append(re.escape(literal))
-        if name:
-            out.append(f"(?P={name})" if name in seen else f"(?P<{name}>\\d+)")
-            seen.add(name)
+        if not inner:
+            continue
+        match = _CAPTURE.match(inner)
+        if match is None:
+            problem = f"placeholder {{{inner}}} in a source pattern must be a plain name (or name:*)"
+            raise r.fail(where, problem) if r else SurgeryError(problem)
+        name, anything = match.groups()
+        out.append(f"(?P={name})" if name in seen else f"(?P<{name}>.+)" if anything else f"(?P<{name}>\\d+)")
+        seen.add(name)
     return re.compile("".join(out))
 
 
-def fill(template: str, values: dict[str, int]) -> str:
-    return re.sub(r"\{([^{}]*)\}", lambda m: str(values[m.group(1)]), template)
+def captured_names(template: str) -> list[str]:
+    """The names a source pattern captures, in order."""
+    return [p.split(":")[0] for p in placeholders(template)]
 
 
 class _Reader:
@@ -177,9 +228,11 @@ class _Reader:
     def fail(self, where: str, problem: str) -> SurgeryError:
         return SurgeryError(f"{self.path}: {where or 'top level'}: {problem}")
 
-    def typed(self, value: object, where: str, kind: type) -> object:
-        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-            raise self.fail(where, f"expected {_KIND_NAMES.get(kind, kind.__name__)}, got {value!r}")
+    def typed(self, value: object, where: str, kind: type | tuple[type, ...]) -> object:
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+            expected = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
+            raise self.fail(where, f"expected {expected}, got {value!r}")
         return value
 
     def strings(self, value: object, where: str) -> list[str]:
@@ -200,56 +253,172 @@ class _Reader:
                 raise self.fail(where, f"missing required field {key!r}")
         return value
 
+    def expression(self, value: object, where: str) -> object:
+        """A number, a list of integers, or an expression string checked for syntax and size now."""
+        self.typed(value, where, (int, float, str, list))
+        if isinstance(value, str):
+            parse(value, f"{self.path}: {where}")
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                self.typed(item, f"{where}[{i}]", int)
+        return value
 
-_KIND_NAMES = {dict: "a mapping", list: "a list", str: "a string", int: "an integer"}
+    def template(self, value: object, where: str) -> str:
+        """A name template whose `{...}` placeholders are checked as expressions now."""
+        text = self.typed(value, where, str)
+        for inner in placeholders(text):
+            if not _CAPTURE.match(inner):
+                parse(inner, f"{self.path}: {where}")
+        return text
+
+
+_KIND_NAMES = {dict: "a mapping", list: "a list", str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
 
 def _index(r: _Reader, name: str, spec: object) -> Index:
     where = f"indices.{name}"
-    if isinstance(spec, str):
-        return Index(name, spec, None)
+    if isinstance(spec, (str, int)):
+        return Index(name, str(r.expression(spec, where)), None)
     spec = r.mapping(spec, where, required=("count",), optional=("active",))
     active = spec.get("active")
-    return Index(name, str(spec["count"]), None if active is None else str(active))
+    return Index(name, str(r.expression(spec["count"], f"{where}.count")),
+                 None if active is None else str(r.expression(active, f"{where}.active")))
+
+
+def _exactness(r: _Reader, spec: object) -> Exactness:
+    spec = r.mapping(spec, "exact", required=("because",), optional=("unless",))
+    unless = []
+    for i, item in enumerate(r.typed(spec.get("unless", []), "exact.unless", list)):
+        item = r.mapping(item, f"exact.unless[{i}]", required=("when", "why"), optional=())
+        unless.append((str(r.expression(item["when"], f"exact.unless[{i}].when")),
+                       r.typed(item["why"], f"exact.unless[{i}].why", str)))
+    return Exactness(r.typed(spec["because"], "exact.because", str), tuple(unless))
 
 
 def _tensor_rule(r: _Reader, where: str, spec: object, indices: dict[str, Index]) -> TensorRule:
-    if isinstance(spec, dict) and "new" in spec:
-        spec = r.mapping(spec, where, required=("new", "for_each", "shape", "init"), optional=("dtype",))
-        rule = TensorRule(
-            where=where,
-            to=r.typed(spec["new"], f"{where}.new", str),
-            for_each=r.typed(spec["for_each"], f"{where}.for_each", str),
-            shape=tuple(r.typed(spec["shape"], f"{where}.shape", list)),
-            init=spec["init"],
-            dtype=spec.get("dtype"),
-        )
-        _check_init(r, f"{where}.init", rule.init)
-        bound = set(placeholders(rule.for_each))
+    common = ("when", "dtype", "optional")
+    if isinstance(spec, dict) and "new" in spec:  # the first schema's form of a new tensor
+        spec = r.mapping(spec, where, required=("new", "for_each", "shape", "init"), optional=common)
+        to, value = r.template(spec["new"], f"{where}.new"), _legacy_init(r, where, spec)
+        for_each = r.typed(spec["for_each"], f"{where}.for_each", str)
+    elif isinstance(spec, dict) and "from" in spec:
+        spec = r.mapping(spec, where, required=("from", "to"), optional=common)
+        for_each = r.typed(spec["from"], f"{where}.from", str)
+        to, value = r.template(spec["to"], f"{where}.to"), Spec("tensor", f"{where}.from", args={"name": for_each})
     else:
-        spec = r.mapping(spec, where, required=("from", "to"), optional=())
-        rule = TensorRule(where=where, source=r.typed(spec["from"], f"{where}.from", str),
-                          to=r.typed(spec["to"], f"{where}.to", str))
-        bound = set(placeholders(rule.source))
-    for name in placeholders(rule.to):
-        if name not in bound and name not in indices:
-            target = "new" if rule.is_new else "to"
-            raise r.fail(f"{where}.{target}", f"placeholder {{{name}}} is neither in the source pattern nor declared under indices")
-    for name in bound:
-        if not re.fullmatch(r"[A-Za-z_]\w*", name):
-            raise r.fail(where, f"placeholder {{{name}}} is not a plain name")
+        spec = r.mapping(spec, where, required=("to", "value"), optional=("for_each", *common))
+        to, value = r.template(spec["to"], f"{where}.to"), _value(r, spec["value"], f"{where}.value", indices)
+        leaves = value.leaves()
+        if "for_each" not in spec and not leaves:
+            raise r.fail(where, "a value made from no source tensor needs for_each: (a source pattern to repeat it for)")
+        for_each = r.typed(spec["for_each"], f"{where}.for_each", str) if "for_each" in spec else leaves[0].args["name"]
+    compile_pattern(for_each, r, f"{where}.for_each" if "for_each" in spec else where)
+    if "when" in spec:
+        r.expression(spec["when"], f"{where}.when")
+    if spec.get("dtype") is not None:
+        _dtype(r, spec["dtype"], f"{where}.dtype")
+    rule = TensorRule(where, to, value, for_each, spec.get("when"), spec.get("dtype"),
+                      bool(r.typed(spec.get("optional", False), f"{where}.optional", bool)))
+    bound = set(captured_names(for_each))
+    for inner in placeholders(to):
+        if _CAPTURE.match(inner) and inner not in bound and inner not in indices:
+            raise r.fail(f"{where}.to", f"placeholder {{{inner}}} is neither in the source pattern nor declared under indices")
+    for name in value.bound():
+        if name not in indices:
+            raise r.fail(where, f"over: {name!r} is not declared under indices")
     return rule
 
 
-#: `init:` of a new tensor: "router" (the router options chosen by the user), "zeros",
-#: or a mapping {normal: std} / {uniform: bound}
-INIT_NAMES = ("router", "zeros")
-INIT_KINDS = ("normal", "uniform")
+def _legacy_init(r: _Reader, where: str, spec: dict) -> Spec:
+    """`init: zeros | {normal: STD} | {uniform: BOUND}` of a `new:` rule, as an init leaf."""
+    init, shape = spec["init"], r.typed(spec["shape"], f"{where}.shape", list)
+    args = {"shape": [r.expression(d, f"{where}.shape[{i}]") for i, d in enumerate(shape)], "dtype": spec.get("dtype")}
+    if init == "zeros":
+        return Spec("init", f"{where}.init", args={**args, "kind": "zeros"})
+    if isinstance(init, dict) and len(init) == 1 and next(iter(init)) in ("normal", "uniform"):
+        kind, scale = next(iter(init.items()))
+        scale_field = "std" if kind == "normal" else "bound"
+        return Spec("init", f"{where}.init", args={**args, "kind": kind, scale_field: r.expression(scale, f"{where}.init.{kind}")})
+    raise r.fail(f"{where}.init", f"expected zeros or a mapping {{normal: STD}} / {{uniform: BOUND}}, got {init!r} "
+                                  "(for a choice made by parameters, write `to:` with `value: {init: ...}`)")
 
 
-def _check_init(r: _Reader, where: str, init: object) -> None:
-    if isinstance(init, str) and init in INIT_NAMES:
-        return
-    if isinstance(init, dict) and len(init) == 1 and next(iter(init)) in INIT_KINDS:
-        return
-    raise r.fail(where, f"expected one of {', '.join(INIT_NAMES)} or a mapping {{normal: std}} / {{uniform: bound}}, got {init!r}")
+#: every op of a value tree: (field holding the child or children, required fields, optional fields)
+OPS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "slice": ("one", ("dim",), ("start", "stop", "step", "part", "parts")),
+    "take": ("one", ("dim", "index"), ()),
+    "repeat": ("one", ("dim", "times"), ()),
+    "concat": ("list", ("dim",), ()),
+    "stack": ("one", ("over",), ()),
+    "scale": ("one", ("by",), ()),
+    "add": ("list", (), ()),
+    "mean": ("one", ("over",), ()),
+    "cast": ("one", ("dtype",), ()),
+    "noise": ("one", ("std",), ("relative", "key")),
+    "reinit": ("one", ("dim", "fraction", "key"), ()),
+}
+_INIT_FIELDS = ("shape", "std", "bound", "key", "dtype")
+
+
+def _value(r: _Reader, spec: object, where: str, indices: dict[str, Index]) -> Spec:
+    """A value tree: a source-name template, {tensor: T}, {init: ...}, or {OP: child(ren), field: ...}."""
+    if isinstance(spec, str):
+        return Spec("tensor", where, args={"name": r.template(spec, where)})
+    spec = r.typed(spec, where, dict)
+    if "tensor" in spec:
+        r.mapping(spec, where, required=("tensor",), optional=())
+        return Spec("tensor", where, args={"name": r.template(spec["tensor"], f"{where}.tensor")})
+    if "init" in spec:
+        spec = r.mapping(spec, where, required=("init", "shape"), optional=_INIT_FIELDS)
+        shape = r.typed(spec["shape"], f"{where}.shape", list)
+        args = {"kind": r.template(spec["init"], f"{where}.init"),
+                "shape": [r.expression(d, f"{where}.shape[{i}]") for i, d in enumerate(shape)]}
+        for name in ("std", "bound"):
+            if name in spec:
+                args[name] = r.expression(spec[name], f"{where}.{name}")
+        if "key" in spec:
+            args["key"] = r.template(spec["key"], f"{where}.key")
+        if spec.get("dtype") is not None:
+            args["dtype"] = _dtype(r, spec["dtype"], f"{where}.dtype")
+        return Spec("init", where, args=args)
+    ops = [key for key in spec if key in OPS]
+    if len(ops) != 1:
+        raise r.fail(where, f"expected a source tensor name, {{tensor: ...}}, {{init: ...}} or one op of "
+                            f"{', '.join(OPS)}; got fields {', '.join(map(str, spec)) or 'none'}")
+    op = ops[0]
+    arity, required, optional = OPS[op]
+    r.mapping(spec, where, required=(op, *required), optional=optional)
+    if arity == "list":
+        items = r.typed(spec[op], f"{where}.{op}", list)
+        if not items:
+            raise r.fail(f"{where}.{op}", "needs at least one value")
+        children = tuple(_value(r, item, f"{where}.{op}[{i}]", indices) for i, item in enumerate(items))
+    else:
+        children = (_value(r, spec[op], f"{where}.{op}", indices),)
+    args = {}
+    for name in (*required, *optional):
+        if name not in spec:
+            continue
+        at = f"{where}.{name}"
+        if name == "over":
+            args[name] = r.typed(spec[name], at, str)
+        elif name == "key":
+            args[name] = r.template(spec[name], at)
+        elif name == "dtype":
+            args[name] = _dtype(r, spec[name], at)
+        elif name == "relative":
+            args[name] = r.typed(spec[name], at, bool)
+        else:
+            args[name] = r.expression(spec[name], at)
+    if op == "slice" and ("part" in args) != ("parts" in args):
+        raise r.fail(where, "part and parts go together")
+    if op == "slice" and "part" in args and any(k in args for k in ("start", "stop", "step")):
+        raise r.fail(where, "use either part/parts or start/stop/step")
+    return Spec(op, where, children, args)
+
+
+def _dtype(r: _Reader, value: object, where: str) -> str:
+    try:
+        return dtypes.parse_float_dtype(r.typed(value, where, str))
+    except SurgeryError as exc:
+        raise r.fail(where, str(exc)) from None

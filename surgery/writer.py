@@ -227,15 +227,11 @@ def read_position(tensor: OutputTensor) -> tuple[str, int]:
 
 def _write_tensor(tensor: OutputTensor, fd: int, offset: int, sources: Sources, path: Path) -> None:
     try:
-        os.lseek(fd, offset, os.SEEK_SET)
-        tensor.producer.write(fd, sources)
-        written = os.lseek(fd, 0, os.SEEK_CUR) - offset
+        tensor.producer.write(fd, offset, sources)
     except SurgeryError as exc:
         raise SurgeryError(f"{tensor.name}: {exc}") from None
     except OSError as exc:
         raise os_error(exc, path) from None
-    if written != tensor.nbytes:
-        raise AssertionError(f"{tensor.name}: producer wrote {written} bytes, expected {tensor.nbytes}")
     sources.finished(tensor.producer)
 
 
@@ -254,9 +250,12 @@ def shard_is_complete(shard: Shard, path: Path, sources: Sources | None = None) 
 
 def holds(f: BinaryIO, offset: int, tensor: OutputTensor, sources: Sources) -> bool:
     """Whether the open file `f` holds `tensor`'s planned bytes at `offset` (read a chunk at a time)."""
-    f.seek(offset)
     try:
-        return all(f.read(len(chunk)) == chunk for chunk in tensor.producer.iter_bytes(sources))
+        for position, chunk in tensor.producer.iter_bytes(sources):
+            f.seek(offset + position)
+            if f.read(len(chunk)) != chunk:
+                return False
+        return True
     finally:
         sources.finished(tensor.producer)
 

@@ -54,8 +54,8 @@ def test_verify_detects_a_changed_byte(src, tmp_path):
 BAD_OPTIONS = [
     (["--rules", "no-such-rules"], "unknown rule file"),
     (["--rules", "llama-to-mixtral"], "accepts llama"),
-    (["--experts-per-token", "5"], "experts_per_token must be between 1 and num_experts (4)"),
-    (["--num-experts", "0"], "num_experts must be at least 1"),
+    (["--experts-per-token", "5"], "experts_per_token must be from 1 to num_experts (4), got 5"),
+    (["--num-experts", "0"], "num_experts must be from 1 to 4096, got 0"),
     (["--dtype", "int4"], "unsupported dtype"),
 ]
 

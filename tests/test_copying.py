@@ -81,8 +81,8 @@ MAX_CALLS = 1000
 def shorten(args, kwargs, key):
     """Argument tuple of a real call that moves at most 1234 bytes (kwargs folded in positionally)."""
     if key == "copy_file_range":
-        src, dst, count = args
-        return (src, dst, min(count, 1234), kwargs.get("offset_src"))
+        src, dst, count, offset_src, offset_dst = args
+        return (src, dst, min(count, 1234), offset_src, offset_dst)
     out_fd, in_fd, offset, count = args
     return (out_fd, in_fd, offset, min(count, 1234))
 
@@ -224,10 +224,10 @@ def test_disk_failures_propagate(monkeypatch, small_calls, source, dest, where, 
 def test_write_error_in_buffered_path_propagates(monkeypatch, small_calls, source, dest):
     install(monkeypatch, "errno:ENOSYS", "errno:ENOSYS")
 
-    def failing_write(fd, data):
+    def failing_write(fd, data, offset):
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(os, "write", failing_write)
+    monkeypatch.setattr(os, "pwrite", failing_write)
     with pytest.raises(OSError) as info:
         copy_range(source[0], dest[0], 0, 10_000)
     assert info.value.errno == errno.EIO

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import surgery.producers as producers
+import surgery.values as values_module
 from surgery import dtypes
 from surgery.errors import SurgeryError
-from surgery.producers import cast
 from surgery.writer import OutputTensor, write_checkpoint
 
-from .test_writer import load_torch, segment, source
+from .test_writer import cast, load_torch, source
 
 #: fraction bits, smallest and largest exponent of the normal numbers
 FORMATS = {"F16": (10, -14, 15), "BF16": (7, -126, 127), "F32": (23, -126, 127)}
@@ -190,7 +189,7 @@ def test_overflow_check_costs_nothing_without_large_values(monkeypatch):
 def test_overflow_during_a_cast_names_the_tensor_and_writes_nothing(tmp_path):
     ckpt = source(tmp_path / "src", {"w": torch.tensor([1.0, 7e4, -3.0])})
     out = tmp_path / "out"
-    plan = [OutputTensor("w", "F16", (3,), cast(segment(ckpt, "w"), "F32", "F16", 3))]
+    plan = [OutputTensor("w", "F16", (3,), cast(ckpt, "w", "F16"))]
     with pytest.raises(SurgeryError, match="w: values up to 7e\\+04 do not fit in F16"):
         write_checkpoint(plan, out)
     assert not out.exists() or not any(out.iterdir())
@@ -201,10 +200,10 @@ def test_overflow_during_a_cast_names_the_tensor_and_writes_nothing(tmp_path):
 
 @pytest.mark.parametrize("target", ["F16", "BF16", "F32"])
 def test_cast_from_f64_rounds_once(tmp_path, monkeypatch, target):
-    monkeypatch.setattr(producers, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(values_module, "CHUNK_ELEMENTS", 1000)
     values = adversarial("F64", target)
     ckpt = source(tmp_path / "src", {"w": torch.from_numpy(values)})
-    out = OutputTensor("w", target, values.shape, cast(segment(ckpt, "w"), "F64", target, values.size))
+    out = OutputTensor("w", target, values.shape, cast(ckpt, "w", target))
     write_checkpoint([out], tmp_path / "out")
     got = load_torch(tmp_path / "out")["w"].contiguous().view(torch.int16 if target != "F32" else torch.int32)
     expected = adversarial_bits("F64", target)

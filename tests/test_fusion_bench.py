@@ -307,7 +307,7 @@ def test_bare_model_becomes_bare_mixtral(tiny, dense, tmp_path):
         ({"num_experts": 4}, "missing experts_per_token"),
         ({"num_experts": 4, "experts_per_token": 2, "expert_per_token": 1}, "disagree"),
         ({"num_experts": 4, "experts_per_token": 2, "num_expert": 4}, "config.num_expert: unknown key"),
-        ({"num_experts": 2, "experts_per_token": 3}, "experts_per_token must be between 1 and num_experts"),
+        ({"num_experts": 2, "experts_per_token": 3}, "experts_per_token must be from 1 to num_experts"),
         ({"num_experts": 4, "experts_per_token": 2, "name": "simple_average"}, "'simple_average' is not supported"),
     ],
 )
@@ -318,7 +318,7 @@ def test_bad_configs(config, fragment):
 
 def test_newer_fusion_bench_keyword_form():
     algorithm = MixtralForCausalLMUpscalingAlgorithm(num_experts=8, experts_per_token=2, save_checkpoint=None)
-    assert (algorithm.options.num_experts, algorithm.options.experts_per_token) == (8, 2)
+    assert algorithm.params == {"num_experts": 8, "experts_per_token": 2}
 
 
 def test_bad_run_inputs(tiny, dense, tmp_path):
@@ -416,7 +416,7 @@ def test_target_form_dict_pool_and_llama(tmp_path):
         (["modelpool.models.1.path=x"], "modelpool.models.1: not an index"),
         (["modelpool.models.0.path=MISSING"], "no such file or folder; give the dense checkpoint with modelpool.models.0.path="),
         (["method.name=simple_average"], "'simple_average' is not supported"),
-        (["method.expert_per_token=8"], "experts_per_token must be between 1 and num_experts"),
+        (["method.expert_per_token=8"], "experts_per_token must be from 1 to num_experts"),
         (["taskpool=clip_vit_classification"], "only dummy"),
         (["fabric.devices=1"], "expected method=..., modelpool=..."),
         (["method=no_such_method"], "no such file, nor a built-in method"),

@@ -115,7 +115,7 @@ BAD_DOCS = [
     ({"tensors": [{"from": "a.{layer}", "to": "b.{layer}.{expert}"}], "indices": {}},
      "tensors[0].to: placeholder {expert}"),
     ({"tensors": [{"new": "r.{layer}", "for_each": "a.{layer}", "shape": [1], "init": "ones"}]},
-     "tensors[0].init: expected one of router, zeros"),
+     "tensors[0].init: expected zeros or a mapping"),
     ({"tensors": [{"new": "r.{layer}", "for_each": "a.{layer}", "shape": [1]}]},
      "tensors[0]: missing required field 'init'"),
     ({"indices": {"expert": {"count": "num_experts", "weight": 1}}}, "indices.expert: unknown field 'weight'"),

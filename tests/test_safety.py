@@ -311,13 +311,18 @@ def test_resume_after_a_kill_is_byte_identical_and_keeps_the_finished_shards(src
     assert all((dst / name).stat().st_ino == inode for name, inode in kept), "finished shards were rewritten"
 
 
-def test_resume_verify_rewrites_a_damaged_shard(src, tmp_path, reference):
-    dst = tmp_path / "out"
+def kill_and_damage(src: Path, dst: Path) -> None:
+    """A run killed after two shards, then the last byte of the first finished shard flipped."""
     name, _ = kill_after(dst, 2, src, dst, *SMALL)[0]
     damaged = sibling(dst, ".surgery-partial") / name
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0xFF
     damaged.write_bytes(bytes(data))
+
+
+def test_resume_verify_rewrites_a_damaged_shard(src, tmp_path, reference):
+    dst = tmp_path / "out"
+    kill_and_damage(src, dst)
     assert run("upcycle", src, dst, *SMALL, "--resume=verify").exit_code == 0
     assert weights(dst) == reference
 
@@ -325,11 +330,7 @@ def test_resume_verify_rewrites_a_damaged_shard(src, tmp_path, reference):
 def test_plain_resume_trusts_headers_and_sizes(src, tmp_path):
     """The cheap check does not read data: a damaged byte survives it, and verify is what finds it."""
     dst = tmp_path / "out"
-    name, _ = kill_after(dst, 2, src, dst, *SMALL)[0]
-    damaged = sibling(dst, ".surgery-partial") / name
-    data = bytearray(damaged.read_bytes())
-    data[-1] ^= 0xFF
-    damaged.write_bytes(bytes(data))
+    kill_and_damage(src, dst)
     assert run("upcycle", src, dst, *SMALL, "--resume").exit_code == 0
     assert_one_line_error(run("verify", src, dst, *SMALL), "does not hold the planned bytes")
 
@@ -472,11 +473,16 @@ def limited_memory():
     resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 
 
-def test_a_huge_expert_count_is_refused_before_planning(src):
-    result = subprocess.run([sys.executable, "-m", "surgery", "plan", src, "-r", "mistral-to-mixtral",
-                             "-e", "1000000000", "-k", "2"], cwd=ROOT, capture_output=True, text=True,
-                            preexec_fn=limited_memory, timeout=30)
-    assert result.returncode == 1 and "more than 1,000,000 output tensors" in one_error_line(result.stderr)
+def test_a_huge_expert_count_is_refused_before_planning(src, tmp_path):
+    """By the parameter's bounds in a built-in rule file, and by the planner's cap in a file without them."""
+    unbounded = tmp_path / "unbounded.yaml"
+    unbounded.write_text(Path(surgery.rules.find_rules("mistral-to-mixtral")).read_text().replace(", max: 4096", ""))
+    for rules, message in (("mistral-to-mixtral", "num_experts must be from 1 to 4096"),
+                           (unbounded, "more than 1,000,000 output tensors")):
+        result = subprocess.run([sys.executable, "-m", "surgery", "plan", src, "-r", rules, "-e", "1000000000",
+                                 "-k", "2"], cwd=ROOT, capture_output=True, text=True, preexec_fn=limited_memory,
+                                timeout=30)
+        assert result.returncode == 1 and message in one_error_line(result.stderr)
 
 
 def test_a_yaml_alias_bomb_is_refused(src, tmp_path):

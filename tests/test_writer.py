@@ -17,10 +17,11 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import surgery.producers as producers
+import surgery.values as values_module
 from surgery.checkpoint import open_checkpoint
 from surgery.errors import SurgeryError
-from surgery.producers import Compute, Copy, Segment, cast, random_init
+from surgery.producers import Copy, produce
+from surgery.values import Computed, Concat, Init, Slice, Source, Stack
 from surgery.writer import OutputTensor, shard_layout, write_checkpoint
 
 from .tiny_models import save_tiny
@@ -54,18 +55,37 @@ def source(folder: Path, tensors: dict[str, torch.Tensor], name: str = "model.sa
     return open_checkpoint(folder)
 
 
-def segment(ckpt, name: str) -> Segment:
-    info = ckpt.tensors[name]
-    return Segment(ckpt.files, info.file, info.offset, info.nbytes)
+def node(ckpt, name: str) -> Source:
+    return Source(ckpt.tensors[name], ckpt.files)
+
+
+def output(name: str, value, dtype: str | None = None) -> OutputTensor:
+    """An output tensor holding `value` (a node) stored as `dtype` (default: the node's)."""
+    dtype = dtype or value.dtype
+    return OutputTensor(name, dtype, value.shape, produce(value, dtype))
 
 
 def copied(ckpt, name: str, new_name: str | None = None) -> OutputTensor:
-    info = ckpt.tensors[name]
-    return OutputTensor(new_name or name, info.dtype, info.shape, Copy((segment(ckpt, name),)))
+    return output(new_name or name, node(ckpt, name))
+
+
+def cast(ckpt, name: str, dtype: str):
+    """The producer of a source tensor converted to `dtype`."""
+    return produce(node(ckpt, name), dtype)
+
+
+def random_init(kind: str, scale: float, dtype: str, numel: int, seed: int, key: str):
+    """The producer of a new 1-D tensor."""
+    return produce(Init(kind, (numel,), dtype, scale, seed, key), dtype)
+
+
+def payload(producer) -> bytes:
+    """All of a producer's bytes, in their order in the tensor."""
+    return b"".join(bytes(data) for _, data in sorted(producer.iter_bytes(None), key=lambda item: item[0]))
 
 
 def zeros(name: str, dtype: str, shape: tuple[int, ...]) -> OutputTensor:
-    return OutputTensor(name, dtype, shape, random_init("zeros", 0.0, dtype, int(np.prod(shape)), 0, name))
+    return output(name, Init("zeros", shape, dtype, 0.0, 0, name))
 
 
 def load_torch(folder: Path) -> dict[str, torch.Tensor]:
@@ -140,14 +160,14 @@ def test_stacked_and_leading_row_segments(tmp_path):
     a = torch.randn(3, 4)
     b = torch.randn(3, 4)
     ckpt = source(tmp_path / "src", {"a": a, "b": b})
-    sa, sb = segment(ckpt, "a"), segment(ckpt, "b")
-    row = 4 * 4
+    na, nb = node(ckpt, "a"), node(ckpt, "b")
     outputs = [
-        OutputTensor("stack", "F32", (2, 3, 4), Copy((sa, sb))),
-        OutputTensor("cat", "F32", (6, 4), Copy((sb, sa))),
-        OutputTensor("rows", "F32", (2, 4), Copy((Segment(sa.store, sa.file, sa.offset, 2 * row),))),
-        OutputTensor("tail", "F32", (1, 4), Copy((Segment(sb.store, sb.file, sb.offset + 2 * row, row),))),
+        output("stack", Stack((na, nb))),
+        output("cat", Concat((nb, na), 0)),
+        output("rows", Slice(na, 0, 0, 2)),
+        output("tail", Slice(nb, 0, 2, 3)),
     ]
+    assert all(isinstance(t.producer, Copy) for t in outputs)
     write_checkpoint(outputs, tmp_path / "out")
     got = load_torch(tmp_path / "out")
     assert torch.equal(got["stack"], torch.stack([a, b]))
@@ -194,10 +214,10 @@ def fitting(values: torch.Tensor, target: torch.dtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("target", ["BF16", "F16"])
 def test_cast_from_f32_matches_torch(tmp_path, monkeypatch, target):
-    monkeypatch.setattr(producers, "CHUNK_ELEMENTS", 1000)  # several chunks, the last one partial
+    monkeypatch.setattr(values_module, "CHUNK_ELEMENTS", 1000)  # several chunks, the last one partial
     values = fitting(torch.from_numpy(float32_probe(4321, seed=1)), ST_TO_TORCH[target]).reshape(29, 149)
     ckpt = source(tmp_path / "src", {"w": values})
-    out = OutputTensor("w", target, (29, 149), cast(segment(ckpt, "w"), "F32", target, values.numel()))
+    out = OutputTensor("w", target, (29, 149), cast(ckpt, "w", target))
     write_checkpoint([out], tmp_path / "out")
     got = load_torch(tmp_path / "out")["w"]
     assert_same_floats(got, values.to(ST_TO_TORCH[target]))
@@ -208,10 +228,10 @@ def test_cast_from_f32_matches_torch(tmp_path, monkeypatch, target):
 
 @pytest.mark.parametrize("src_dtype", ["BF16", "F16"])
 def test_cast_to_f32_matches_torch(tmp_path, monkeypatch, src_dtype):
-    monkeypatch.setattr(producers, "CHUNK_ELEMENTS", 777)
+    monkeypatch.setattr(values_module, "CHUNK_ELEMENTS", 777)
     values = random_tensor(ST_TO_TORCH[src_dtype], (50, 61), seed=3)
     ckpt = source(tmp_path / "src", {"w": values})
-    out = OutputTensor("w", "F32", (50, 61), cast(segment(ckpt, "w"), src_dtype, "F32", values.numel()))
+    out = OutputTensor("w", "F32", (50, 61), cast(ckpt, "w", "F32"))
     write_checkpoint([out], tmp_path / "out")
     got = load_torch(tmp_path / "out")["w"]
     assert_same_floats(got, values.float())
@@ -219,7 +239,7 @@ def test_cast_to_f32_matches_torch(tmp_path, monkeypatch, src_dtype):
 
 
 def test_random_init_loads_identically_and_has_the_right_statistics(tmp_path, monkeypatch):
-    monkeypatch.setattr(producers, "CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr(values_module, "CHUNK_ELEMENTS", 4096)
     shape = (100, 200)
     n = 20_000
     outputs = [
@@ -267,11 +287,6 @@ def test_random_init_depends_on_seed_and_key_only(tmp_path):
     assert torch.equal(one["a"], two["a"]) and torch.equal(one["b"], two["b"])
     assert not torch.equal(one["a"], one["b"])
     assert not torch.equal(one["a"], three["a"])
-
-
-def test_random_init_rejects_unknown_kind():
-    with pytest.raises(SurgeryError):
-        random_init("xavier", 1.0, "F32", 4, 0, "k")
 
 
 # ----------------------------------------------------------------------------------------------- sharding
@@ -323,7 +338,7 @@ def hf_grouping(sizes: list[int], max_bytes: int) -> list[list[str]]:
 
 
 def our_grouping(sizes: list[int], max_bytes: int) -> list[list[str]]:
-    tensors = [OutputTensor(f"t{i}", "U8", (size,), Copy(())) for i, size in enumerate(sizes)]
+    tensors = [OutputTensor(f"t{i}", "U8", (size,), Copy(None, ())) for i, size in enumerate(sizes)]
     return [[t.name for t in shard] for shard in shard_layout(tensors, max_bytes)]
 
 
@@ -445,30 +460,35 @@ def test_transformers_loads_our_sharded_copy(tmp_path, tiny):
 # ----------------------------------------------------------------------------------------------- atomicity
 
 
-def failing_compute(numel: int, exc: BaseException | None, seen: list | None = None, folder: Path | None = None):
-    """A Compute that yields half its values, then (unless exc is None) records the folder listing and raises."""
+class Exploding(Computed):
+    """Ones in boxes of 13 elements; unless `exc` is None, the second box records the folder listing and raises."""
 
-    def chunks(_):
-        yield np.ones(numel // 2, dtype=np.float32)
-        if exc is None:
-            yield np.ones(numel - numel // 2, dtype=np.float32)
-            return
-        if seen is not None:
-            seen.extend(sorted(os.listdir(folder)))
-        raise exc
+    dtype = "F32"
 
-    return Compute("F32", numel, chunks, "explodes")
+    def __init__(self, numel: int, exc: BaseException | None, seen: list | None, folder: Path | None):
+        self.shape, self.exc, self.seen, self.folder = (numel,), exc, seen, folder
+
+    def compute(self, box, ctx):
+        if box[0][0] > 0 and self.exc is not None:
+            if self.seen is not None:
+                self.seen.extend(sorted(os.listdir(self.folder)))
+            raise self.exc
+        return np.ones(box[0][1] - box[0][0], dtype=np.float32)
+
+    def describe(self) -> str:
+        return "explodes"
 
 
 def interrupted_plan(ckpt, exc, seen=None, folder=None):
     return [copied(ckpt, "w0"), copied(ckpt, "w1"),                                          # shard 1: 200 bytes
-            copied(ckpt, "w2"), OutputTensor("bad", "F32", (25,), failing_compute(25, exc, seen, folder)),  # shard 2
+            copied(ckpt, "w2"), output("bad", Exploding(25, exc, seen, folder)),  # shard 2
             copied(ckpt, "w3")]                                                              # shard 3
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt(), SurgeryError("bad input")],
                          ids=["RuntimeError", "KeyboardInterrupt", "SurgeryError"])
-def test_interrupted_write_leaves_nothing(tmp_path, exc):
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, exc):
+    monkeypatch.setattr(values_module, "CHUNK_ELEMENTS", 13)
     ckpt = source(tmp_path / "src", {f"w{i}": torch.randn(25) for i in range(4)})  # 100 bytes each
     out = tmp_path / "out"
     out.mkdir()
@@ -480,8 +500,9 @@ def test_interrupted_write_leaves_nothing(tmp_path, exc):
     assert os.listdir(out) == ["config.json"]
 
 
-def test_interrupted_plan_puts_the_failure_in_the_second_shard(tmp_path):
+def test_interrupted_plan_puts_the_failure_in_the_second_shard(tmp_path, monkeypatch):
     """Precondition of the test above, checked on the same plan with a Compute that does not fail."""
+    monkeypatch.setattr(values_module, "CHUNK_ELEMENTS", 13)
     ckpt = source(tmp_path / "src", {f"w{i}": torch.randn(25) for i in range(4)})
     files = write_checkpoint(interrupted_plan(ckpt, None), tmp_path / "out", max_shard_bytes=200)
     assert len(files) == 4
@@ -505,7 +526,7 @@ def test_source_truncated_during_cast_names_the_file(tmp_path):
     os.truncate(tmp_path / "src" / "weights.safetensors", 1000)
     out = tmp_path / "out"
     with pytest.raises(SurgeryError) as info:
-        write_checkpoint([OutputTensor("a", "BF16", (1000,), cast(segment(ckpt, "a"), "F32", "BF16", 1000))], out)
+        write_checkpoint([OutputTensor("a", "BF16", (1000,), cast(ckpt, "a", "BF16"))], out)
     assert "weights.safetensors" in str(info.value)
     assert os.listdir(out) == []
 
@@ -514,15 +535,15 @@ def test_source_truncated_during_cast_names_the_file(tmp_path):
 
 
 def test_writing_twice_is_byte_identical(tmp_path, monkeypatch):
-    monkeypatch.setattr(producers, "CHUNK_ELEMENTS", 500)
+    monkeypatch.setattr(values_module, "CHUNK_ELEMENTS", 500)
     tensors = {"emb": torch.randn(40, 30), "norm": torch.randn(30).to(torch.bfloat16), "ids": torch.arange(9)}
     ckpt = source(tmp_path / "src", tensors)
 
     def plan():
         return [
             copied(ckpt, "emb"),
-            OutputTensor("emb.bf16", "BF16", (40, 30), cast(segment(ckpt, "emb"), "F32", "BF16", 1200)),
-            OutputTensor("norm.f32", "F32", (30,), cast(segment(ckpt, "norm"), "BF16", "F32", 30)),
+            OutputTensor("emb.bf16", "BF16", (40, 30), cast(ckpt, "emb", "BF16")),
+            OutputTensor("norm.f32", "F32", (30,), cast(ckpt, "norm", "F32")),
             OutputTensor("new", "F16", (33, 7), random_init("normal", 0.1, "F16", 231, 5, "new")),
             copied(ckpt, "ids"),
             copied(ckpt, "norm"),

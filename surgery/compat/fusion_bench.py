@@ -24,6 +24,7 @@ from ..errors import SurgeryError
 from ..execute import execute
 from ..plan import Options, Plan, make_plan
 from ..report import parameter_line
+from ..params import resolve
 from ..rules import RuleFile, builtin_rule_names, load_rules
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ __all__ = ["MixtralForCausalLMUpscalingAlgorithm", "MixtralUpscalingAlgorithm", 
 
 PRETRAINED = "_pretrained_"
 TARGET_MODEL_TYPE = "mixtral"
+#: the rule file whose parameter declarations check a method config (every rule file to Mixtral has the same)
+CHECKED_BY = "mistral-to-mixtral"
 METHOD_NAMES = ("mixtral_moe_upscaling", "mixtral_for_causal_lm_moe_upscaling")
 METHOD_CLASSES = ("MixtralUpscalingAlgorithm", "MixtralForCausalLMUpscalingAlgorithm")
 #: the Python example's spelling, then the seed YAML's
@@ -86,7 +89,7 @@ class MixtralUpscalingAlgorithm:
 
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any):
         self.config = {**(config or {}), **kwargs}
-        self.options, self.save_checkpoint = method_options(self.config, "config")
+        self.params, self.save_checkpoint = method_params(self.config, "config")
 
     def run(self, modelpool: object) -> PreTrainedModel:
         """Upcycle `modelpool` (a model, a checkpoint path or a model pool) and return the MoE model."""
@@ -107,7 +110,7 @@ class MixtralUpscalingAlgorithm:
         """Plan from a checkpoint path, or from `dense` saved into `folder`."""
         if isinstance(dense, (str, os.PathLike)):
             source = open_source(dense)
-            return make_plan(source, mixtral_rules(source), self.options)
+            return make_plan(source, mixtral_rules(source), Options(), self.params)
         model = _as_model(dense)
         bare = model.base_model is model
         if bare and self.causal_lm:
@@ -120,9 +123,9 @@ class MixtralUpscalingAlgorithm:
         source = replace(open_source(folder), location=f"in-memory {type(model).__name__}{origin}")
         rules = mixtral_rules(source)
         if not bare:
-            return make_plan(source, rules, self.options)
+            return make_plan(source, rules, Options(), self.params)
         prefix = f"{model.base_model_prefix}."
-        return _strip_prefix(make_plan(_add_prefix(source, prefix), rules, self.options), prefix)
+        return _strip_prefix(make_plan(_add_prefix(source, prefix), rules, Options(), self.params), prefix)
 
     def _command(self, plan: Plan, dense: object) -> str:
         """The call, for the model card's recipe."""
@@ -137,10 +140,10 @@ class MixtralForCausalLMUpscalingAlgorithm(MixtralUpscalingAlgorithm):
     causal_lm = True
 
 
-def method_options(config: Mapping[str, Any], where: str = "method") -> tuple[Options, str | None]:
+def method_params(config: Mapping[str, Any], where: str = "method") -> tuple[dict[str, object], str | None]:
     """Validate a method config (the seed YAML, its `_target_` form, or the Python example's dict).
 
-    Returns the upcycling options and `save_checkpoint` (None when not set).
+    Returns the rule-file parameters (num_experts, experts_per_token) and `save_checkpoint` (None when not set).
     """
     check_keys(config, METHOD_KEYS, where)
     if config.get("name", METHOD_NAMES[0]) not in METHOD_NAMES:
@@ -161,7 +164,9 @@ def method_options(config: Mapping[str, Any], where: str = "method") -> tuple[Op
     save = config.get("save_checkpoint")
     if save is not None and not isinstance(save, (str, os.PathLike)):
         raise SurgeryError(f"{where}.save_checkpoint: expected a folder or null, got {save!r}")
-    return Options(config["num_experts"], top_k[0]), save
+    params = {"num_experts": config["num_experts"], "experts_per_token": top_k[0]}
+    resolve(load_rules(CHECKED_BY).parameters, params, {}, where)  # checked now, as FusionBench does
+    return params, save
 
 
 def pretrained_entry(pool: Mapping[str, Any], where: str = "modelpool") -> tuple[object, str]:

@@ -17,9 +17,9 @@ import yaml
 
 from ..api import open_source, upcycle
 from ..errors import SurgeryError
-from ..plan import make_plan
+from ..plan import Options, make_plan
 from ..report import parameter_line
-from .fusion_bench import check_save_checkpoint, method_options, mixtral_rules, pretrained_entry
+from .fusion_bench import check_save_checkpoint, method_params, mixtral_rules, pretrained_entry
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 #: config groups selected by `group=NAME_OR_PATH` and changed by `group.key=value`
@@ -49,7 +49,7 @@ def fusion_bench_command(arguments: tuple[str, ...]) -> None:
 def run_job(arguments: tuple[str, ...]) -> None:
     """Upcycle (or, without save_checkpoint, plan) the pool's `_pretrained_` checkpoint as the method says."""
     configs, taskpool = parse_arguments(arguments)
-    options, save_checkpoint = method_options(configs["method"])
+    params, save_checkpoint = method_params(configs["method"])
     path, key = pretrained_entry(configs["modelpool"])
     if not isinstance(path, str):
         raise SurgeryError(f"{key}: expected a checkpoint path, got {path!r}")
@@ -60,13 +60,12 @@ def run_job(arguments: tuple[str, ...]) -> None:
         raise SurgeryError(f"{key}: {exc}{hint}") from None
     rules = mixtral_rules(source)
     if save_checkpoint is None:
-        total = make_plan(source, rules, options).num_parameters
+        total = make_plan(source, rules, Options(), params).num_parameters
         click.echo("method.save_checkpoint is null: planned only, nothing written "
                    "(set method.save_checkpoint=DIR to write the model)", err=True)
     else:
         check_save_checkpoint(save_checkpoint)
-        out = upcycle(source, save_checkpoint, rules, options.num_experts, options.experts_per_token,
-                      command=shlex.join(["surgery", *sys.argv[1:]]))
+        out = upcycle(source, save_checkpoint, rules, command=shlex.join(["surgery", *sys.argv[1:]]), **params)
         total = open_source(out).num_parameters
         click.echo(f"wrote {out} with rule file {rules.name}")
     if taskpool == "dummy":
