@@ -24,7 +24,18 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 #: scratch space on the same disk as the repository (git-ignored)
 DEFAULT_WORKDIR = RESULTS / "tmp"
-RECIPE = ["--rules", "mistral-to-mixtral", "--num-experts", "4", "--experts-per-token", "2"]
+#: the recipes a benchmark can run, as `surgery upcycle` options: identical experts (copies), every expert's
+#: down_proj scaled (a third of the output computed), and everything cast to fp32 (all of it computed)
+RECIPES = {
+    "copy": ["--rules", "mistral-to-mixtral", "--num-experts", "4", "--experts-per-token", "2"],
+    "scaled": ["--rules", str(REPO / "benchmarks" / "rules" / "scaled-experts.yaml"), "-e", "4", "-k", "2"],
+    "fp32": ["--rules", "mistral-to-mixtral", "-e", "4", "-k", "2", "--dtype", "fp32"],
+}
+RECIPE_TEXT = {
+    "copy": "mistral-to-mixtral, 4 experts, top-2",
+    "scaled": "mistral-to-mixtral, 4 experts, top-2, every expert's down_proj scaled by 0.5 (benchmarks/rules/scaled-experts.yaml)",
+    "fp32": "mistral-to-mixtral, 4 experts, top-2, --dtype fp32 (every tensor cast)",
+}
 MIB = 1 << 20
 #: free disk left untouched when deciding whether a depth fits
 DISK_MARGIN = 5 * 10**9
@@ -55,9 +66,9 @@ def surgery_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from surgery.cli import main; sys.exit(main())"]
 
 
-def upcycle_command(src: Path, dst: Path, extra: Sequence[str] = ()) -> list[str]:
-    """`surgery upcycle SRC DST` with the Mixtral recipe (4 experts, top-2), no progress bar."""
-    return [*surgery_command(), "upcycle", str(src), str(dst), *RECIPE, "--quiet", *extra]
+def upcycle_command(src: Path, dst: Path, extra: Sequence[str] = (), recipe: str = "copy") -> list[str]:
+    """`surgery upcycle SRC DST` with one of the RECIPES, no progress bar."""
+    return [*surgery_command(), "upcycle", str(src), str(dst), *RECIPES[recipe], "--quiet", *extra]
 
 
 #: Runs argv[2:] with output to the file argv[1]; prints the child's pid, then its exit code, rusage and wall time.
@@ -152,14 +163,17 @@ class Sizes:
         return self.source_bytes + self.output_bytes
 
 
-def planned_sizes(layers: int, root: Path, dtype: str | None = None) -> Sizes:
-    """Source and output sizes of upcycling a `layers`-layer synthetic Mistral-7B (optionally cast to `dtype`)."""
+def planned_sizes(layers: int, root: Path, dtype: str | None = None, recipe: str = "copy") -> Sizes:
+    """Source and output sizes of upcycling a `layers`-layer synthetic Mistral-7B with a recipe (optionally cast to
+    `dtype`)."""
     import surgery
     from surgery.producers import Copy
 
+    args = RECIPES[recipe]
+    dtype = dtype or (args[args.index("--dtype") + 1] if "--dtype" in args else None)
     with scratch(root) as folder:
         src = write_synthetic(folder / "src", layers=layers, holes=True)
-        plan = surgery.plan(src, "mistral-to-mixtral", 4, 2, dtype=dtype)
+        plan = surgery.plan(src, args[1], 4, 2, dtype=dtype)
         source_bytes = sum(t.nbytes for t in plan.source.tensors.values())
         copied = sum(t.nbytes for t in plan.outputs if isinstance(t.producer, Copy))
         return Sizes(source_bytes, plan.nbytes, plan.num_parameters, copied)

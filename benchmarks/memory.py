@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/memory.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
-    DEFAULT_WORKDIR, RESULTS, dir_bytes, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line,
+    DEFAULT_WORKDIR, RECIPE_TEXT, RECIPES, RESULTS, dir_bytes, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line,
     planned_sizes, run_measured, scratch, stats_dict, upcycle_command, write_results,
 )
 from benchmarks.synthetic import write_synthetic
@@ -41,10 +41,11 @@ ENGINE_CASES = [
 ]
 
 
-def measure(layers: int, root: Path, extra: Sequence[str] = (), dtype: str | None = None, label: str = "") -> dict:
+def measure(layers: int, root: Path, extra: Sequence[str] = (), dtype: str | None = None, label: str = "",
+            recipe: str = "copy") -> dict:
     """Upcycle a fresh `layers`-layer synthetic Mistral-7B once; sizes and memory, or why it was skipped."""
     label = label or f"{layers} layers"
-    sizes = planned_sizes(layers, root, dtype)
+    sizes = planned_sizes(layers, root, dtype, recipe)
     row = {"layers": layers, "source_bytes": sizes.source_bytes, "output_params": sizes.output_params,
            "planned_output_bytes": sizes.output_bytes, "copied_fraction": round(sizes.copied_bytes / sizes.output_bytes, 6)}
     fits, message = fits_on_disk(sizes.disk_needed, root)
@@ -54,7 +55,7 @@ def measure(layers: int, root: Path, extra: Sequence[str] = (), dtype: str | Non
     try:
         with scratch(root) as folder:
             src = write_synthetic(folder / "src", layers=layers)
-            stats = run_measured(upcycle_command(src, folder / "out", list(extra)), folder / "log.txt")
+            stats = run_measured(upcycle_command(src, folder / "out", list(extra), recipe), folder / "log.txt")
             row["output_bytes"] = dir_bytes(folder / "out")
         if row["output_bytes"] < sizes.output_bytes:
             raise RuntimeError(f"wrote {row['output_bytes']:,} bytes, the plan says {sizes.output_bytes:,}")
@@ -90,7 +91,7 @@ def markdown(result: dict) -> str:
     """The results as markdown tables."""
     g, ga = result["growth_mib_per_layer"], result["rss_anon_growth_mib_per_layer"]
     lines = [
-        "# Peak memory of `surgery upcycle` (mistral-to-mixtral, 4 experts, top-2)",
+        f"# Peak memory of `surgery upcycle` ({result['recipe']})",
         "",
         "Synthetic Mistral-7B shapes (hidden 4096, intermediate 14336, vocab 32000, 32 heads, 8 KV heads), "
         "random bf16 in 5 GB shards; the real CLI as a child process. Peak RSS is its ru_maxrss from os.wait4 "
@@ -179,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--layers", type=layer_list, default=[1, 2, 4, 8], help="depths, e.g. 1,4 (default: 1,2,4,8)")
     parser.add_argument("--engine", action="store_true", help="also measure the two >= 4 GB single-shard outputs")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="copy",
+                        help="copy: identical experts; scaled: every expert's down_proj scaled; fp32: all cast")
+    parser.add_argument("--name", default="memory", help="results file name (default: memory)")
     parser.add_argument("--check", action="store_true", help="exit 1 if a budget is exceeded (the CI gate)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default: {RESULTS})")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = "python -m benchmarks.memory " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"upcycle at depths {args.layers} (scratch in {args.workdir})", flush=True)
-    depths = [measure(layers, args.workdir) for layers in args.layers]
+    depths = [measure(layers, args.workdir, recipe=args.recipe) for layers in args.layers]
     engine = []
     if args.engine:
         print("engine cases", flush=True)
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     anon_growth = slope(xs, [r["rss_anon_mib"] for r in measured])
     result = {
         "command": command.strip(),
-        "recipe": "mistral-to-mixtral, 4 experts, top-2",
+        "recipe": RECIPE_TEXT[args.recipe],
         "budgets": {"peak_rss_mib": RSS_BUDGET_MIB, "growth_mib_per_layer": GROWTH_BUDGET_MIB},
         "machine": machine(),
         "depths": depths,
@@ -217,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         "engine": engine,
         "failures": budget_failures(depths, engine, growth),
     }
-    paths = write_results(args.out, "memory", result, markdown(result))
+    paths = write_results(args.out, args.name, result, markdown(result))
     if not args.no_plot and measured:
-        paths.append(args.out / "memory.png")
+        paths.append(args.out / f"{args.name}.png")
         plot(result, paths[-1])
     print(markdown(result))
     print("wrote " + ", ".join(map(str, paths)))

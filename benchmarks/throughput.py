@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/throughput.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
-    DEFAULT_WORKDIR, RESULTS, dir_bytes, drop_caches, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line,
+    DEFAULT_WORKDIR, RECIPE_TEXT, RECIPES, RESULTS, dir_bytes, drop_caches, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line,
     planned_sizes, run_measured, scratch, upcycle_command, write_results,
 )
 from benchmarks.synthetic import write_synthetic
@@ -59,9 +59,9 @@ def timed(cmd: list[str], log: Path, cold: bool) -> dict:
             "disk_written_gb": round(stats.disk_written_gb, 3), "caches_dropped": dropped}
 
 
-def measure(layers: int, repeats: int, root: Path, cold: bool) -> dict:
+def measure(layers: int, repeats: int, root: Path, cold: bool, recipe: str = "copy") -> dict:
     """Interleaved cp / upcycle pairs at one depth."""
-    sizes = planned_sizes(layers, root)
+    sizes = planned_sizes(layers, root, recipe=recipe)
     row: dict = {"layers": layers, "output_bytes": sizes.output_bytes}
     fits, message = fits_on_disk(sizes.source_bytes + 2 * sizes.output_bytes, root)
     if not fits:
@@ -75,7 +75,7 @@ def measure(layers: int, repeats: int, root: Path, cold: bool) -> dict:
         for i in range(repeats):
             cp = timed(["cp", "--reflink=never", str(blob), str(copy)], folder / "cp.log", cold)
             copy.unlink()
-            upcycle = timed(upcycle_command(src, out), folder / "upcycle.log", cold)
+            upcycle = timed(upcycle_command(src, out, recipe=recipe), folder / "upcycle.log", cold)
             if dir_bytes(out) < sizes.output_bytes:
                 raise RuntimeError(f"upcycle wrote {dir_bytes(out):,} bytes, the plan says {sizes.output_bytes:,}")
             shutil.rmtree(out)
@@ -104,11 +104,11 @@ def markdown(result: dict) -> str:
     lines = [
         "# Wall time of `surgery upcycle` vs `cp` of the same bytes",
         "",
-        "mistral-to-mixtral, 4 experts, top-2, on synthetic Mistral-7B shapes (random bf16, 5 GB shards). "
+        f"{RECIPE_TEXT[result.get('recipe', 'copy')]}, on synthetic Mistral-7B shapes (random bf16, 5 GB shards). "
         f"Interleaved cp, upcycle, cp, upcycle, ... ({result['repeats']} pairs per depth); "
         + ("page cache dropped before every run" if dropped and result["cold"] else "page cache NOT dropped")
         + "; times include the `sync` that writes the output to disk. GB = 10^9 bytes. Disk reads are the "
-        "child's ru_inblock: cp reads every output byte, upcycle reads the source once (each MLP is copied into "
+        "child's ru_inblock: cp reads every output byte, upcycle reads the source once (each MLP goes into "
         "4 experts; the 3 later copies read it from the page cache).",
         "",
         f"Machine: {machine_line(result['machine'])}.",
@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--layers", type=layer_list, default=[1, 2, 4, 8], help="depths, e.g. 1,4 (default: 1,2,4,8)")
     parser.add_argument("--repeats", type=int, default=3, help="cp/upcycle pairs per depth (default: 3)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="copy",
+                        help="copy: identical experts; scaled: every expert's down_proj scaled; fp32: all cast")
+    parser.add_argument("--name", default="throughput", help="results file name (default: throughput)")
     parser.add_argument("--warm", action="store_true", help="do not drop the page cache before each run (only sync)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default: {RESULTS})")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
@@ -147,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         print("cannot drop the page cache here (not root?): runs start from a synced, warm cache", flush=True)
     command = "python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"cp vs upcycle at depths {args.layers}, {args.repeats} pairs each (scratch in {args.workdir})", flush=True)
-    depths = [measure(layers, args.repeats, args.workdir, cold) for layers in args.layers]
-    result = {"command": command.strip(), "repeats": args.repeats, "cold": cold, "machine": machine(), "depths": depths}
-    paths = write_results(args.out, "throughput", result, markdown(result))
+    depths = [measure(layers, args.repeats, args.workdir, cold, args.recipe) for layers in args.layers]
+    result = {"command": command.strip(), "recipe": args.recipe, "repeats": args.repeats, "cold": cold,
+              "machine": machine(), "depths": depths}
+    paths = write_results(args.out, args.name, result, markdown(result))
     print(markdown(result))
     print("wrote " + ", ".join(map(str, paths)))
     return 0
