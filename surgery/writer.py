@@ -13,10 +13,11 @@ from typing import BinaryIO
 
 from . import dtypes
 from .checkpoint import INDEX_NAME, SINGLE_NAME
-from .copying import write_all
+from .copying import share_blocks, write_all
 from .errors import SurgeryError, os_error
 from .header import build_header
-from .producers import Producer, Sources
+from .producers import Copy, Producer, Sources
+from .sharing import BLOCK, Item, arrange, phase_weights, shareable_bytes
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
 TEMP_SUFFIX = ".partial"
@@ -70,6 +71,29 @@ def data_order(shard: list[OutputTensor]) -> list[OutputTensor]:
     return sorted(shard, key=lambda t: -dtypes.itemsize(t.dtype))
 
 
+def file_order(shard: list[OutputTensor]) -> tuple[list[OutputTensor], int | None]:
+    """The order of a shard's tensors in its file and where its data should start modulo BLOCK (None: anywhere),
+    so that as many copied bytes as possible sit at their source's offsets modulo BLOCK (see sharing.arrange).
+
+    Without copies that could share blocks, this is `data_order` and no padding."""
+    widest_first = data_order(shard)
+    order, phase = arrange([Item(t.nbytes, copy_phases(t), read_position(t)) for t in widest_first])
+    return [widest_first[i] for i in order], phase
+
+
+def copy_phases(tensor: OutputTensor) -> dict[int, int]:
+    """For each start of `tensor` modulo BLOCK, how many of its bytes could then share blocks with the source."""
+    return phase_weights(tensor.producer.runs) if isinstance(tensor.producer, Copy) else {}
+
+
+def pad_header(header: bytes, data_phase: int | None) -> bytes:
+    """`header` with its JSON right-padded with spaces so that the data starts at `data_phase` modulo BLOCK."""
+    if data_phase is None:
+        return header
+    text = header[8:] + b" " * ((data_phase - len(header)) % BLOCK)
+    return len(text).to_bytes(8, "little") + text
+
+
 @dataclass(frozen=True)
 class Shard:
     """One output file: its name, its tensors in file order, and its header bytes (known before any data)."""
@@ -95,15 +119,22 @@ class Shard:
     def size(self) -> int:
         return len(self.header) + self.nbytes
 
+    @property
+    def shareable(self) -> int:
+        """Bytes of copies at their source's offsets modulo BLOCK, in whole blocks: what a reflink filesystem can
+        share with the source instead of writing."""
+        return shareable_bytes([copy_phases(t) for t in self.tensors], self.offsets)
+
 
 def plan_shards(tensors: list[OutputTensor], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Shard]:
-    """The output files for `tensors`: Hugging Face's greedy split, names, and each file's header."""
+    """The output files for `tensors`: Hugging Face's greedy split, names, and each file's tensor order and header,
+    padded so that copies can share blocks with their source on reflink filesystems (see `file_order`)."""
     layout = shard_layout(tensors, max_shard_bytes)
     shards = []
     for name, members in zip(shard_names(len(layout)), layout):
-        ordered = tuple(data_order(members))
+        ordered, phase = file_order(members)
         header = build_header([(t.name, t.dtype, t.shape, t.nbytes) for t in ordered], {"format": "pt"})
-        shards.append(Shard(name, ordered, header))
+        shards.append(Shard(name, tuple(ordered), pad_header(header, phase)))
     return shards
 
 
@@ -131,36 +162,45 @@ def write_checkpoint(
     return [s.name for s in shards] + ([INDEX_NAME] if len(shards) > 1 else [])
 
 
-def write_shards(shards: list[Shard], folder: Path, progress: Callable[[int], None] = lambda n: None) -> None:
+def write_shards(shards: list[Shard], folder: Path, progress: Callable[[int], None] = lambda n: None,
+                 share: bool = True) -> None:
     """Write `shards` into `folder`; each takes its final name as soon as its last tensor is in.
 
     Every shard's header is written first (it is known from the plan); then tensors are written into their
     places in the order their source bytes are stored, so each source file is read in one stretch and can be
     released (evicted) right after. Until complete, a shard has a temporary name; on any exception the
-    temporary files are removed (complete shards stay: a resumed run keeps them).
+    temporary files are removed (complete shards stay: a resumed run keeps them). Without `share`, copies are real
+    copies even where the filesystem could share blocks with the source.
     """
-    remaining = {s.name: len(s.tensors) for s in shards}
     sources = Sources([t.producer for s in shards for t in s.tensors])
     files = _ShardFiles(folder)
     try:
-        slots = []
-        for shard in shards:
-            files.create(shard)
-            slots += [(t, shard, offset) for t, offset in zip(shard.tensors, shard.offsets)]
-            if not shard.tensors:
-                files.complete(shard)
-        for tensor, shard, offset in sorted(slots, key=lambda slot: read_position(slot[0])):
-            _write_tensor(tensor, files.fd(shard), offset, sources, files.temp(shard))
-            progress(tensor.nbytes)
-            remaining[shard.name] -= 1
-            if remaining[shard.name] == 0:
-                files.complete(shard)
+        with share_blocks(share):
+            _write_in_read_order(shards, files, sources, progress)
     except BaseException:
         files.discard()
         raise
     finally:
         files.close()
         sources.close()
+
+
+def _write_in_read_order(shards: list[Shard], files: _ShardFiles, sources: Sources,
+                         progress: Callable[[int], None]) -> None:
+    """Headers first, then every tensor in the order its source bytes are stored; shards complete as they fill."""
+    remaining = {s.name: len(s.tensors) for s in shards}
+    slots = []
+    for shard in shards:
+        files.create(shard)
+        slots += [(t, shard, offset) for t, offset in zip(shard.tensors, shard.offsets)]
+        if not shard.tensors:
+            files.complete(shard)
+    for tensor, shard, offset in sorted(slots, key=lambda slot: read_position(slot[0])):
+        _write_tensor(tensor, files.fd(shard), offset, sources, files.temp(shard))
+        progress(tensor.nbytes)
+        remaining[shard.name] -= 1
+        if remaining[shard.name] == 0:
+            files.complete(shard)
 
 
 class _ShardFiles:
