@@ -5,7 +5,7 @@
                     num_experts=4, experts_per_token=2)
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .api import assemble, plan, upcycle  # noqa: E402
 from .checkpoint import open_checkpoint  # noqa: E402
