@@ -30,12 +30,29 @@ RECIPES = {
     "copy": ["--rules", "mistral-to-mixtral", "--num-experts", "4", "--experts-per-token", "2"],
     "scaled": ["--rules", str(REPO / "benchmarks" / "rules" / "scaled-experts.yaml"), "-e", "4", "-k", "2"],
     "fp32": ["--rules", "mistral-to-mixtral", "-e", "4", "-k", "2", "--dtype", "fp32"],
+    "granularity4": ["--rules", "mistral-to-mixtral", "-e", "8", "-k", "4", "--granularity", "4"],
+    "drop0.5": ["--rules", "mistral-to-mixtral", "-e", "4", "-k", "2", "--drop-ratio", "0.5"],
+    "moe-expert": ["--rules", "mixtral-to-mistral", "-p", "mode=expert", "-p", "expert=3"],
+    "moe-mean": ["--rules", "mixtral-to-mistral", "-p", "mode=mean"],
 }
+#: the synthetic source each recipe reads (default: mistral-7b)
+RECIPE_SOURCE = {"moe-expert": "mixtral-8x7b", "moe-mean": "mixtral-8x7b"}
 RECIPE_TEXT = {
     "copy": "mistral-to-mixtral, 4 experts, top-2",
     "scaled": "mistral-to-mixtral, 4 experts, top-2, every expert's down_proj scaled by 0.5 (benchmarks/rules/scaled-experts.yaml)",
     "fp32": "mistral-to-mixtral, 4 experts, top-2, --dtype fp32 (every tensor cast)",
+    "granularity4": "mistral-to-mixtral, 8 experts, top-4, --granularity 4 (two copies of the MLP in quarters; "
+                    "w2 scaled by 4, the rest strided copies)",
+    "drop0.5": "mistral-to-mixtral, 4 experts, top-2, --drop-ratio 0.5 (Drop-Upcycling: half of every expert's "
+               "neurons re-drawn)",
+    "moe-expert": "mixtral-to-mistral mode=expert (Mixtral-8x7B shapes -> one expert's MLP: byte copies)",
+    "moe-mean": "mixtral-to-mistral mode=mean (Mixtral-8x7B shapes -> the 8 experts' mean, computed)",
 }
+
+
+def source_arch(recipe: str) -> str:
+    """The synthetic architecture a recipe reads."""
+    return RECIPE_SOURCE.get(recipe, "mistral-7b")
 MIB = 1 << 20
 #: free disk left untouched when deciding whether a depth fits
 DISK_MARGIN = 5 * 10**9
@@ -172,11 +189,20 @@ def planned_sizes(layers: int, root: Path, dtype: str | None = None, recipe: str
     args = RECIPES[recipe]
     dtype = dtype or (args[args.index("--dtype") + 1] if "--dtype" in args else None)
     with scratch(root) as folder:
-        src = write_synthetic(folder / "src", layers=layers, holes=True)
-        plan = surgery.plan(src, args[1], 4, 2, dtype=dtype)
+        src = write_synthetic(folder / "src", layers=layers, arch=source_arch(recipe), holes=True)
+        plan = surgery.plan(src, args[1], dtype=dtype, **_recipe_params(args))
         source_bytes = sum(t.nbytes for t in plan.source.tensors.values())
         copied = sum(t.nbytes for t in plan.outputs if isinstance(t.producer, Copy))
         return Sizes(source_bytes, plan.nbytes, plan.num_parameters, copied)
+
+
+def _recipe_params(args: list[str]) -> dict:
+    """The rule-file parameters of a recipe's command-line options."""
+    names = {"-e": "num_experts", "-k": "experts_per_token", "--num-experts": "num_experts",
+             "--experts-per-token": "experts_per_token", "--granularity": "granularity", "--drop-ratio": "drop_ratio"}
+    params = {names[a]: float(v) if "." in v else int(v) for a, v in zip(args, args[1:]) if a in names}
+    params.update(v.split("=", 1) for a, v in zip(args, args[1:]) if a == "-p")
+    return params
 
 
 def fits_on_disk(needed: int, root: Path) -> tuple[bool, str]:

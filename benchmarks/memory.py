@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/memory.py`
 
 from benchmarks.common import (
     DEFAULT_WORKDIR, RECIPE_TEXT, RECIPES, RESULTS, dir_bytes, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line,
-    planned_sizes, run_measured, scratch, stats_dict, upcycle_command, write_results,
+    planned_sizes, run_measured, scratch, stats_dict, upcycle_command, write_results, source_arch,
 )
 from benchmarks.synthetic import write_synthetic
 
@@ -54,7 +54,7 @@ def measure(layers: int, root: Path, extra: Sequence[str] = (), dtype: str | Non
         return {**row, "skipped": message}
     try:
         with scratch(root) as folder:
-            src = write_synthetic(folder / "src", layers=layers)
+            src = write_synthetic(folder / "src", layers=layers, arch=source_arch(recipe))
             stats = run_measured(upcycle_command(src, folder / "out", list(extra), recipe), folder / "log.txt")
             row["output_bytes"] = dir_bytes(folder / "out")
         if row["output_bytes"] < sizes.output_bytes:

@@ -56,6 +56,20 @@ ARCHITECTURES: dict[str, dict] = {
         bos_token_id=1,
         eos_token_id=2,
     ),
+    "mixtral-8x7b": dict(
+        _COMMON,
+        model_type="mixtral",
+        architectures=["MixtralForCausalLM"],
+        vocab_size=32000,
+        max_position_embeddings=32768,
+        sliding_window=None,
+        rope_theta=1000000.0,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.02,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     "llama-3-8b": dict(
         _COMMON,
         model_type="llama",
@@ -74,6 +88,8 @@ ARCHITECTURES: dict[str, dict] = {
 
 _TOKENIZERS = {
     "mistral": dict(tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                    add_bos_token=True, add_eos_token=False, legacy=True),
+    "mixtral": dict(tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                     add_bos_token=True, add_eos_token=False, legacy=True),
     "llama": dict(tokenizer_class="PreTrainedTokenizerFast", bos_token="<|begin_of_text|>",
                   eos_token="<|end_of_text|>", model_input_names=["input_ids", "attention_mask"]),
@@ -102,13 +118,25 @@ def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
             (f"{layer}.self_attn.k_proj.weight", (kv_rows, hidden)),
             (f"{layer}.self_attn.v_proj.weight", (kv_rows, hidden)),
             (f"{layer}.self_attn.o_proj.weight", (hidden, q_rows)),
-            (f"{layer}.mlp.gate_proj.weight", (inter, hidden)),
-            (f"{layer}.mlp.up_proj.weight", (inter, hidden)),
-            (f"{layer}.mlp.down_proj.weight", (hidden, inter)),
+            *_mlp_shapes(config, layer),
             (f"{layer}.input_layernorm.weight", (hidden,)),
             (f"{layer}.post_attention_layernorm.weight", (hidden,)),
         ]
     shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return shapes
+
+
+def _mlp_shapes(config: dict, layer: str) -> list[tuple[str, tuple[int, ...]]]:
+    """A dense MLP's weights, or (with num_local_experts) a Mixtral block's router and per-expert weights."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    if "num_local_experts" not in config:
+        return [(f"{layer}.mlp.gate_proj.weight", (inter, hidden)), (f"{layer}.mlp.up_proj.weight", (inter, hidden)),
+                (f"{layer}.mlp.down_proj.weight", (hidden, inter))]
+    moe = f"{layer}.block_sparse_moe"
+    shapes = [(f"{moe}.gate.weight", (config["num_local_experts"], hidden))]
+    for e in range(config["num_local_experts"]):
+        shapes += [(f"{moe}.experts.{e}.w1.weight", (inter, hidden)), (f"{moe}.experts.{e}.w2.weight", (hidden, inter)),
+                   (f"{moe}.experts.{e}.w3.weight", (inter, hidden))]
     return shapes
 
 

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/throughput.py`
 
 from benchmarks.common import (
     DEFAULT_WORKDIR, RECIPE_TEXT, RECIPES, RESULTS, dir_bytes, drop_caches, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line,
-    planned_sizes, run_measured, scratch, upcycle_command, write_results,
+    planned_sizes, run_measured, scratch, upcycle_command, write_results, source_arch,
 )
 from benchmarks.synthetic import write_synthetic
 
@@ -69,7 +69,7 @@ def measure(layers: int, repeats: int, root: Path, cold: bool, recipe: str = "co
         return {**row, "skipped": message}
     pairs = []
     with scratch(root) as folder:
-        src = write_synthetic(folder / "src", layers=layers)
+        src = write_synthetic(folder / "src", layers=layers, arch=source_arch(recipe))
         blob, copy, out = folder / "blob", folder / "copy", folder / "out"
         concatenate(sorted(src.glob("*.safetensors")), blob, sizes.output_bytes)
         for i in range(repeats):

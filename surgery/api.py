@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -12,6 +14,7 @@ from .execute import assemble as assemble_output, execute, parse_part
 from .hub import RepoUnavailable, check_push, open_hub_checkpoint, parse_repo_id, push
 from .plan import OPTION_NAMES, Options, Plan, make_plan
 from .rules import RuleFile
+from .sharing import Written
 
 
 def open_source(
@@ -46,12 +49,16 @@ def plan(
     rules: str | os.PathLike | RuleFile,
     num_experts: int | None = None,
     experts_per_token: int | None = None,
+    *,
+    sources: Mapping[str, str | os.PathLike | Checkpoint] | None = None,
     **settings: object,
 ) -> Plan:
     """Plan from headers alone. `settings` are the rule file's parameters (e.g. `router_std=0.01`) and the write
-    options `seed`, `dtype` and `max_shard_size`; `num_experts` and `experts_per_token` are parameters too."""
+    options `seed`, `dtype` and `max_shard_size`; `num_experts` and `experts_per_token` are parameters too.
+    `sources` names further checkpoints (folders or Hub repos) that the rule file reads besides `src` (`base`)."""
     options, params = recipe(num_experts, experts_per_token, dict(settings))
-    return make_plan(open_source(src), rules, options, params)
+    others = {name: open_source(path) for name, path in (sources or {}).items()}
+    return make_plan(open_source(src), rules, options, params, others)
 
 
 def upcycle(
@@ -69,6 +76,8 @@ def upcycle(
     private: bool | None = None,
     resume: bool | str = False,
     shards: str | tuple[int, int] | None = None,
+    share: bool = True,
+    report: Callable[[Written], None] | None = None,
     **settings: object,
 ) -> Path | None:
     """Upcycle `src` into `dst` with a rule file (built-in name or path); returns the output folder.
@@ -79,6 +88,9 @@ def upcycle(
     `resume=True` (or "verify") continues an interrupted run from the shards it completed. `shards="i/n"` writes
     only worker i's share of the output shards; the worker that completes the set assembles the output (the
     others return None), or call `assemble` at the end.
+    On a reflink filesystem (XFS, btrfs, ZFS >= 2.2, bcachefs) holding both the source and `dst`, copies share
+    blocks with the source; `share=False` makes real copies (the same bytes). `report`, if given, is called with
+    the bytes of shards written and how many of them share blocks with the source.
     `settings`: the rule file's parameters (router_init, router_std, ...) and seed, dtype ("bf16", ...),
     max_shard_size (bytes).
     """
@@ -89,7 +101,7 @@ def upcycle(
     the_plan = plan(source, rules, num_experts, experts_per_token, **settings)
     with tqdm(total=the_plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=not progress) as bar:
         out = execute(the_plan, dst, overwrite=overwrite, progress=bar.update, command=command, resume=resume,
-                      part=part)
+                      part=part, share=share, report=report)
     if push_to_hub and out is not None:
         push(out, push_to_hub, private)
     return out

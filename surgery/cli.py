@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
+import platform
 import re
 import shlex
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import click
 
+from . import __version__
 from .errors import SurgeryError, os_error
 from .signals import Interrupted
 
@@ -47,10 +50,19 @@ def recipe_options(command):
         click.option("--rules", "-r", required=True, help="Built-in rule name (see `surgery rules`) or path to a rule YAML."),
         click.option("--param", "-p", "params", multiple=True, metavar="NAME=VALUE", callback=_param_option,
                      help="A parameter of the rule file (see `surgery rules NAME`); repeat for several."),
+        click.option("--source", "sources", multiple=True, metavar="NAME=PATH", callback=_param_option,
+                     help="A further checkpoint (folder or Hub repo) the rule file reads as source NAME; SRC is "
+                          "`base`. Repeat for several."),
         click.option("--num-experts", "-e", type=int, help="Shortcut for -p num_experts=N: experts per MoE layer."),
         click.option("--experts-per-token", "-k", type=int, help="Shortcut for -p experts_per_token=K: top-k routing."),
-        click.option("--router-init", help="Shortcut for -p router_init=...: normal, zeros or uniform."),
+        click.option("--router-init", help="Shortcut for -p router_init=...: normal, zeros, uniform or orthogonal."),
         click.option("--router-std", type=float, help="Shortcut for -p router_std=...: std of the normal router init."),
+        click.option("--granularity", type=int, help="Shortcut for -p granularity=G: each expert holds 1/G of a dense MLP."),
+        click.option("--shared-experts", type=int, help="Shortcut for -p shared_experts=N: parts of the MLP that are shared."),
+        click.option("--drop-ratio", type=float, help="Shortcut for -p drop_ratio=R: Drop-Upcycling's re-drawn share."),
+        click.option("--expert-noise", type=float, help="Shortcut for -p expert_noise=S: noise relative to each tensor's std."),
+        click.option("--moe-layers", help="Shortcut for -p moe_layers=SPEC: the layers made MoE, e.g. 1:32:2 or 0,4:8."),
+        click.option("--layout", help="Shortcut for -p layout=...: the experts per-expert (the Hub's) or fused."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed for new values; derived per tensor, so output does not depend on shard order."),
         click.option("--dtype", default=None, help="Output dtype for float tensors (bf16, fp16, fp32). Default: the source's."),
@@ -63,7 +75,8 @@ def recipe_options(command):
 
 
 #: options that stand for a rule-file parameter of the same name
-SHORTCUTS = ("num_experts", "experts_per_token", "router_init", "router_std")
+SHORTCUTS = ("num_experts", "experts_per_token", "router_init", "router_std", "granularity", "shared_experts",
+             "drop_ratio", "expert_noise", "moe_layers", "layout")
 
 
 def _recipe(kwargs: dict) -> dict:
@@ -75,7 +88,9 @@ def _recipe(kwargs: dict) -> dict:
             if name in params:
                 raise click.UsageError(f"{name} is given twice (as its option and as -p {name}=...)")
             params[name] = value
-    return {**params, **{k: kwargs.pop(k) for k in ("seed", "dtype", "max_shard_size")}}
+    sources = kwargs.pop("sources")
+    return {**params, **{k: kwargs.pop(k) for k in ("seed", "dtype", "max_shard_size")},
+            **({"sources": sources} if sources else {})}
 
 
 class _Failure(click.ClickException):
@@ -101,8 +116,47 @@ def friendly_errors(command):
     return wrapper
 
 
+#: the libraries whose versions `surgery --version` shows beside its own
+VERSION_OF = ("numpy", "safetensors", "huggingface_hub")
+
+
+def version_text() -> str:
+    """`surgery 0.2.0 (numpy 2.3.1, safetensors 0.6.2, huggingface_hub 1.20.0; Python 3.11.7)`."""
+    found = []
+    for name in VERSION_OF:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    return f"surgery {__version__} ({', '.join(found)}; Python {platform.python_version()})"
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_text())
+        ctx.exit()
+
+
+#: `--no-check` of the commands that write
+no_check_option = click.option("--no-check", is_flag=True,
+                               help="Do not check DST afterwards as `surgery check` does (that transformers would "
+                                    "load it: names, shapes, dtypes).")
+
+#: `--json` of the commands that report (plan, inspect, verify, rules; `check` should take it too when it lands):
+#: one JSON document on stdout instead of text, built by report_json
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print one JSON document on stdout instead of text (shape: docs/json.md).")
+
+
+def echo_json(document: dict) -> None:
+    from .report_json import dumps
+
+    click.echo(dumps(document))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="surgery")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version of surgery and of numpy, safetensors and huggingface_hub, and exit.")
 def main() -> None:
     """Streaming weight surgery for LLM checkpoints.
 
@@ -127,32 +181,72 @@ def main() -> None:
 @click.option("--shards", "part", metavar="I/N",
               help="Write only worker I's share of the N-way split of the output shards (for a job array); the "
                    "worker that completes the set assembles DST, or run `surgery assemble` at the end.")
+@click.option("--no-share", is_flag=True,
+              help="Make real copies even where the filesystem could share blocks with the source (XFS, btrfs, "
+                   "ZFS >= 2.2, bcachefs); the output's bytes are the same.")
+@no_check_option
 @friendly_errors
 def upcycle(src: str, dst: Path, rules: str, overwrite: bool, quiet: bool, evict_source: bool,
-            push_to_hub: str | None, private: bool, resume: str | None, part: str | None, **kwargs) -> None:
+            push_to_hub: str | None, private: bool, resume: str | None, part: str | None, no_share: bool,
+            no_check: bool, **kwargs) -> None:
     """Upcycle the dense checkpoint SRC into an MoE checkpoint in DST.
 
     SRC is a checkpoint folder, a .safetensors file or a Hub repo id ORG/NAME[@REVISION] (branch, tag or
     commit; each shard is downloaded when first needed). DST receives safetensors shards, the index,
     config.json, tokenizer files and a model card. Nothing appears there until all is written: the output
     is assembled in a hidden folder beside DST and swapped in at the end, and an existing DST is replaced
-    (with --overwrite) only then. Ctrl-C, SIGTERM and SIGHUP stop cleanly.
+    (with --overwrite) only then. Ctrl-C, SIGTERM and SIGHUP stop cleanly. Then, unless --no-check, DST is
+    checked as `surgery check` does.
     """
     from .api import upcycle as run
 
     if private and not push_to_hub:
         raise click.UsageError("--private only applies with --push-to-hub")
+    written: list = []  # what execute reports: bytes of shards written, and how many share blocks with the source
     out = run(src, dst, rules, overwrite=overwrite, progress=not quiet,
               command=shlex.join(["surgery", *sys.argv[1:]]), evict_source=evict_source,
               push_to_hub=push_to_hub, private=private or None, resume={"check": True}.get(resume, resume or False),
-              shards=part, **_recipe(kwargs))
+              shards=part, share=not no_share, report=written.append, **_recipe(kwargs))
     if out is None:
         click.echo(f"wrote worker {part}'s shards; the worker that completes the set assembles {dst} "
                    "(or run `surgery assemble` with the same arguments)")
+        click.echo(written[0].describe(), err=True)
         return
+    checked = None if no_check else check_written(out)
     click.echo(f"wrote {out}")
+    if checked:
+        click.echo(checked, err=True)
+    click.echo(written[0].describe(), err=True)
     if push_to_hub:
         click.echo(f"pushed to {push_to_hub}")
+
+
+def check_written(out: Path) -> str:
+    """After a write: what `surgery check` says of `out`, or a warning when it cannot run here. Raises SurgeryError
+    (the output is kept) when transformers would not load it."""
+    from .consumer import Unavailable, check_consumer
+
+    try:
+        result = check_consumer(out)
+    except Unavailable as exc:
+        return f"warning: {out} was not checked: {exc}"
+    if not result.ok:
+        shown = "; ".join(p.line() for p in result.problems[:3]) + ("; ..." if len(result.problems) > 3 else "")
+        raise SurgeryError(f"{result.summary()} ({shown}). The output is kept: `surgery check {out}` lists every "
+                           "problem; --no-check skips this check")
+    return f"checked: {result.summary()}"
+
+
+main.add_command(click.Command(
+    "apply", params=upcycle.params, callback=upcycle.callback, short_help="Apply any rule file to SRC, writing DST.",
+    help="""Apply the rule file --rules to the checkpoint SRC, writing the result to DST.
+
+    The general verb: MoE -> dense (mixtral-to-mistral, qwen3-moe-to-qwen3, ...), keeping or dropping experts
+    (mixtral-select-experts, ...), depth up-scaling (depth-upscale -p layers=0:24,8:32), or a custom rule file.
+    Options and guarantees are those of `upcycle` (the name kept for MoE upcycles): the output appears in DST only
+    once complete, and `plan` and `verify` take the same rule file and parameters.
+    """,
+))
 
 
 @main.command()
@@ -177,8 +271,9 @@ def assemble(src: str, dst: Path, rules: str, overwrite: bool, **kwargs) -> None
 @click.argument("src")
 @recipe_options
 @click.option("--tensors", "list_tensors", is_flag=True, help="Also list every output tensor and its origin.")
+@json_option
 @friendly_errors
-def plan(src: str, rules: str, list_tensors: bool, **kwargs) -> None:
+def plan(src: str, rules: str, list_tensors: bool, as_json: bool, **kwargs) -> None:
     """Show what upcycling SRC would write, from headers alone (no tensor data is read).
 
     SRC is a checkpoint folder, a .safetensors file or a Hub repo id ORG/NAME[@REVISION] (headers are then read
@@ -187,14 +282,20 @@ def plan(src: str, rules: str, list_tensors: bool, **kwargs) -> None:
     """
     from .api import plan as make
     from .report import plan_summary
+    from .report_json import plan_document
 
-    click.echo(plan_summary(make(src, rules, **_recipe(kwargs)), list_tensors))
+    the_plan = make(src, rules, **_recipe(kwargs))
+    if as_json:
+        echo_json(plan_document(the_plan, list_tensors))
+    else:
+        click.echo(plan_summary(the_plan, list_tensors))
 
 
 @main.command()
 @click.argument("path")
+@json_option
 @friendly_errors
-def inspect(path: str) -> None:
+def inspect(path: str, as_json: bool) -> None:
     """Count the parameters of the checkpoint at PATH from its headers.
 
     PATH is a checkpoint folder, a .safetensors file or a Hub repo id ORG/NAME[@REVISION].
@@ -202,8 +303,12 @@ def inspect(path: str) -> None:
     """
     from .api import open_source
     from .report import parameter_line
+    from .report_json import inspect_document
 
     checkpoint = open_source(path)
+    if as_json:
+        echo_json(inspect_document(checkpoint))
+        return
     n = checkpoint.num_parameters
     click.echo(parameter_line(n, n))
 
@@ -213,32 +318,71 @@ def inspect(path: str) -> None:
 @click.argument("dst")
 @recipe_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--numeric", is_flag=True,
+              help="Instead of bytes, check the function: each layer's block against the source's, run by "
+                   "transformers in fp32 (needs torch and transformers).")
+@json_option
 @friendly_errors
-def verify(src: str, dst: str, rules: str, quiet: bool, **kwargs) -> None:
-    """Check that DST holds exactly what upcycling SRC with these options produces, byte for byte."""
+def verify(src: str, dst: str, rules: str, quiet: bool, numeric: bool, as_json: bool, **kwargs) -> None:
+    """Check that DST holds exactly what upcycling SRC with these options produces, byte for byte.
+
+    With --numeric, check instead that DST computes what the recipe promises: layer by layer, the module the rule
+    file names (the dense MLP and the MoE block) is loaded alone from each checkpoint and run on the same random
+    hidden states; a recipe that `plan` calls exact fails on any layer whose relative difference exceeds 1e-5.
+    """
     from tqdm.auto import tqdm
 
     from .api import plan as make
+    from .report_json import verify_document
     from .verify import verify as check
 
     the_plan = make(src, rules, **_recipe(kwargs))
+    if numeric:
+        _verify_numeric(the_plan, dst, quiet, as_json)
+        return
     with tqdm(total=the_plan.nbytes, unit="B", unit_scale=True, desc="verifying", disable=quiet) as bar:
         count = check(the_plan, dst, bar.update)
-    click.echo(f"verified: {count} tensors in {dst} match the plan byte for byte")
+    if as_json:
+        echo_json(verify_document(the_plan, dst, count))
+    else:
+        click.echo(f"verified: {count} tensors in {dst} match the plan byte for byte")
+
+
+def _verify_numeric(the_plan, dst: str, quiet: bool, as_json: bool) -> None:
+    from tqdm.auto import tqdm
+
+    from .numeric import TOLERANCE, check_numeric
+    from .report import exactness_line
+
+    with tqdm(desc="checking layers", unit="layer", disable=quiet) as bar:
+        results = check_numeric(the_plan, dst, bar.update)
+    if as_json:
+        echo_json({"command": "verify", "numeric": True, "tolerance": TOLERANCE, "exact": the_plan.exact[0],
+                   "layers": [{"layer": r.layer, "difference": r.difference, "same": r.same} for r in results]})
+        return
+    for r in results:
+        click.echo(f"layer {r.layer}: relative difference {r.difference:.3g} ({'same' if r.same else 'differs'})")
+    click.echo(f"{exactness_line(the_plan)}; {sum(r.same for r in results)} of {len(results)} layers compute "
+               f"the source's function (to {TOLERANCE:g})")
 
 
 @main.command(name="rules")
 @click.argument("name", required=False)
+@json_option
 @friendly_errors
-def rules_command(name: str | None) -> None:
+def rules_command(name: str | None, as_json: bool) -> None:
     """List the built-in rule files, or print the one called NAME.
 
     A rule file maps source tensor names to output names and edits the config. To write your
     own, start from `surgery rules mistral-to-mixtral > my.yaml`, edit, and pass `--rules my.yaml`;
     the schema is documented in docs/rules.md.
     """
+    from .report_json import rule_document, rules_list_document
     from .rules import builtin_rule_names, find_rules, load_rules
 
+    if as_json:
+        echo_json(rule_document(name) if name else rules_list_document(builtin_rule_names()))
+        return
     if name:
         click.echo(find_rules(name).read_text(), nl=False)
         return
@@ -249,19 +393,27 @@ def rules_command(name: str | None) -> None:
 
 @main.command()
 @click.argument("dst", default="surgery-demo", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace DST even if it is not a previous demo's output.")
 @friendly_errors
 def demo(dst: Path, overwrite: bool) -> None:
-    """Upcycle the tiny Mistral shipped with surgery into a 4-expert, top-2 Mixtral in DST, then inspect and verify it."""
+    """Upcycle the tiny Mistral shipped with surgery into a 4-expert, top-2 Mixtral in DST, then inspect and verify it.
+
+    Run again, the demo replaces its own earlier output in DST. A DST holding anything else is left untouched:
+    the demo then writes to DST-2 (or the next such folder that is free or its own) and says so.
+    """
     from .api import open_source, plan as make, upcycle as run
+    from .demo import RECIPE as recipe, SOURCE as src, destination
     from .report import parameter_line
     from .verify import verify as check
 
-    src = Path(__file__).parent / "demo_model"
-    recipe = dict(rules="mistral-to-mixtral", num_experts=4, experts_per_token=2)
+    target, replace = (dst, True) if overwrite else destination(dst)
+    if target != dst:
+        click.echo(f"{dst} holds other files, left untouched: writing to {target}")
+    elif replace and not overwrite:
+        click.echo(f"replacing the previous demo output in {dst}")
     dense = open_source(src).num_parameters
     click.echo(f"dense   {src}\n        {parameter_line(dense, dense)}")
-    out = run(src, dst, overwrite=overwrite, progress=False, command=f"surgery demo {dst}", **recipe)
+    out = run(src, target, overwrite=replace, progress=False, command=f"surgery demo {target}", **recipe)
     moe = open_source(out).num_parameters
     click.echo(f"upcycled {out}\n        {parameter_line(moe, moe)}")
     count = check(make(src, **recipe), out)

@@ -20,6 +20,7 @@ from .errors import SurgeryError, os_error
 from .plan import Plan
 from .producers import Sources
 from .report import model_card
+from .sharing import SpaceProbe, Written
 from .signals import Interrupted, interrupts_raise
 from .writer import Shard, plan_shards, shard_is_complete, write_index, write_shards
 
@@ -36,12 +37,16 @@ def execute(
     command: str | None = None,
     resume: bool | str = False,
     part: tuple[int, int] | None = None,
+    share: bool = True,
+    report: Callable[[Written], None] | None = None,
 ) -> Path | None:
     """Write the plan's output to `dst`; until everything is written, `dst` is untouched.
 
     `resume` (True, or "verify" to also re-read every byte) continues from the shards a failed or interrupted run
     left, and keeps the finished shards if this run fails too. `part=(i, n)` writes only the shards of worker i of
     n (1-based) into the shared staging folder; the worker that finds all shards complete assembles the output.
+    Without `share`, copies are real copies even where the filesystem could share blocks with the source. Once this
+    run's shards are written, `report` gets their size and how much of it shares blocks with the source.
     Returns `dst`, or None for a worker that did not assemble.
     """
     if resume not in RESUME_MODES:
@@ -51,8 +56,8 @@ def execute(
     fingerprint = _fingerprint(plan, shards)
     with interrupts_raise():
         if part is None:
-            return _whole(plan, shards, dst, overwrite, progress, command, resume, fingerprint)
-        _part(plan, shards, dst, overwrite, progress, part, fingerprint)
+            return _whole(plan, shards, dst, overwrite, progress, command, resume, fingerprint, share, report)
+        _part(plan, shards, dst, overwrite, progress, part, fingerprint, share, report)
         return assemble_shards(plan, shards, dst, overwrite, command, fingerprint, required=False)
 
 
@@ -74,24 +79,28 @@ def parse_part(text: str) -> tuple[int, int]:
 
 
 def _whole(plan: Plan, shards: list[Shard], dst: str | os.PathLike, overwrite: bool,
-           progress: Callable[[int], None], command: str | None, resume: bool | str, fingerprint: str) -> Path:
+           progress: Callable[[int], None], command: str | None, resume: bool | str, fingerprint: str,
+           share: bool, report: Callable[[Written], None] | None) -> Path:
     with Destination(dst, plan.source, overwrite) as d:
         try:
             _open_staging(d, fingerprint, keep=bool(resume))
             done = _complete(shards, d.staging, verify=resume == "verify")
             progress(sum(s.nbytes for s in done))
-            write_shards([s for s in shards if s not in done], d.staging, progress)
+            written = _write(shards, done, d.staging, progress, share)
             _finish(plan, shards, d.staging, command)
             d.commit()
         except BaseException as exc:
             if not resume:
                 d.reset_staging()
             raise _explain(exc, d, shards, resume=bool(resume)) from None
+    if report:
+        report(written)
     return d.given
 
 
 def _part(plan: Plan, shards: list[Shard], dst: str | os.PathLike, overwrite: bool,
-          progress: Callable[[int], None], part: tuple[int, int], fingerprint: str) -> None:
+          progress: Callable[[int], None], part: tuple[int, int], fingerprint: str, share: bool,
+          report: Callable[[Written], None] | None) -> None:
     i, n = part
     mine = shards[i - 1::n]
     with Destination(dst, plan.source, overwrite, shared=True) as d:
@@ -100,9 +109,21 @@ def _part(plan: Plan, shards: list[Shard], dst: str | os.PathLike, overwrite: bo
             _claim(d.staging, fingerprint)
             done = _complete(mine, d.staging, verify=False)
             progress(sum(s.nbytes for s in done))
-            write_shards([s for s in mine if s not in done], d.staging, progress)
+            written = _write(mine, done, d.staging, progress, share)
         except BaseException as exc:
             raise _explain(exc, d, mine, resume=True, worker=f"worker {i}/{n}") from None
+    if report:
+        report(written)
+
+
+def _write(shards: list[Shard], done: list[Shard], folder: Path, progress: Callable[[int], None],
+           share: bool) -> Written:
+    """Write the `shards` not `done` into `folder`; how many bytes that took and how many share blocks with the
+    source."""
+    todo = [s for s in shards if s not in done]
+    probe = SpaceProbe(folder)
+    write_shards(todo, folder, progress, share)
+    return probe.measure([folder / s.name for s in todo])
 
 
 def assemble_shards(plan: Plan, shards: list[Shard], dst: str | os.PathLike, overwrite: bool,

@@ -23,6 +23,8 @@ MAX_NODES = 256
 MAX_INT = 2**64
 #: longest list an expression may build (range() is lazy and may be longer)
 MAX_LIST = 1_000_000
+#: longest list a template may format into a string
+MAX_FORMATTED = 1000
 
 _ARITHMETIC = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -65,10 +67,52 @@ def _sequence(function):
     return call
 
 
+def _without(*args: object) -> list:
+    """The elements of the first list that are not in the second, in order."""
+    if len(args) != 2 or not all(isinstance(a, (list, tuple, range)) for a in args):
+        raise TypeError("without() takes two lists")
+    if len(args[0]) > MAX_LIST:
+        raise ValueError(f"a list longer than {MAX_LIST:,} elements")
+    exclude = set(args[1]) if len(args[1]) <= MAX_LIST else args[1]
+    return [item for item in args[0] if item not in exclude]
+
+
+def _unique(*args: object) -> list:
+    """The distinct elements of a list, in order of first appearance."""
+    items = _one_list("unique", args)
+    return list(dict.fromkeys(items))
+
+
+def _positions(*args: object) -> list:
+    """The indices at which a list holds a value."""
+    if len(args) != 2:
+        raise TypeError("positions() takes a list and a value")
+    return [i for i, item in enumerate(_one_list("positions", args[:1])) if item == args[1]]
+
+
+def _pick(*args: object) -> list:
+    """The elements of a list at the given indices: pick(layer_types, [0, 0, 1]) (repeats allowed)."""
+    if len(args) != 2:
+        raise TypeError("pick() takes a list and a list of indices")
+    items, indices = _one_list("pick", args[:1]), _one_list("pick", args[1:])
+    if not all(_is_int(i) and -len(items) <= i < len(items) for i in indices):
+        raise ValueError("pick(): an index is out of range")
+    return [items[i] for i in indices]
+
+
+def _one_list(name: str, args: tuple) -> list | tuple | range:
+    if len(args) != 1 or not isinstance(args[0], (list, tuple, range)):
+        raise TypeError(f"{name}() takes a list")
+    if len(args[0]) > MAX_LIST:
+        raise ValueError(f"a list longer than {MAX_LIST:,} elements")
+    return args[0]
+
+
 FUNCTIONS = {
     "sqrt": _numbers(math.sqrt), "floor": _numbers(math.floor), "ceil": _numbers(math.ceil), "abs": _numbers(abs),
     "int": _numbers(int), "float": _numbers(float), "min": _numbers(min, lists=True),
     "max": _numbers(max, lists=True), "len": _sequence(len), "sorted": _sequence(sorted), "range": _range,
+    "without": _without, "unique": _unique, "positions": _positions, "pick": _pick,
 }
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
@@ -129,9 +173,9 @@ def placeholders(template: str) -> list[str]:
 
 
 def _text(value: object, where: str) -> str:
-    if isinstance(value, (list, tuple, dict, range)):
-        raise SurgeryError(f"{where}: a list cannot be formatted into a string")
-    return str(value)
+    if isinstance(value, dict) or isinstance(value, (list, tuple, range)) and len(value) > MAX_FORMATTED:
+        raise SurgeryError(f"{where}: only numbers, texts and short lists can be formatted into a string")
+    return str(list(value) if isinstance(value, (tuple, range)) else value)
 
 
 def _short(text: str, limit: int = 60) -> str:

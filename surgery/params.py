@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .errors import SurgeryError
 from .expressions import evaluate, parse
 
-TYPES = ("int", "float", "bool", "str", "ints")
+TYPES = ("int", "float", "bool", "str", "ints", "ranges")
 #: names of the write options, which every rule file has: not parameter names
 RESERVED = ("seed", "dtype", "max_shard_size")
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
@@ -28,6 +28,8 @@ MAX_TEXT = 200
 
 @dataclass(frozen=True)
 class Parameter:
+    """A parameter a rule file declares."""
+
     name: str
     type: str
     help: str
@@ -36,17 +38,7 @@ class Parameter:
     minimum: object = None
     maximum: object = None
     choices: tuple[str, ...] = ()
-
-    def describe(self) -> str:
-        """One line for `--help`-style listings: type, default or required, bounds, choices."""
-        facts = [self.type]
-        facts.append("required" if self.required else f"default {self.default!r}")
-        if self.choices:
-            facts.append("one of " + ", ".join(self.choices))
-        if self.minimum is not None or self.maximum is not None:
-            facts.append(f"from {self.minimum if self.minimum is not None else '-inf'} "
-                         f"to {self.maximum if self.maximum is not None else 'inf'}")
-        return f"{self.name} ({'; '.join(facts)}): {self.help}"
+    within: object = None
 
 
 def parse_declaration(name: str, spec: object, fail, path: str) -> Parameter:
@@ -56,9 +48,9 @@ def parse_declaration(name: str, spec: object, fail, path: str) -> Parameter:
         raise fail(where, f"a parameter name must be a plain identifier other than {', '.join(RESERVED)}")
     if not isinstance(spec, dict):
         raise fail(where, "expected a mapping with type, help and optionally default, min, max, choices")
-    unknown = set(spec) - {"type", "help", "default", "min", "max", "choices"}
+    unknown = set(spec) - {"type", "help", "default", "min", "max", "choices", "within"}
     if unknown:
-        raise fail(where, f"unknown field {sorted(unknown)[0]!r} (allowed: choices, default, help, max, min, type)")
+        raise fail(where, f"unknown field {sorted(unknown)[0]!r} (allowed: choices, default, help, max, min, type, within)")
     kind = spec.get("type")
     if kind not in TYPES:
         raise fail(f"{where}.type", f"expected one of {', '.join(TYPES)}, got {kind!r}")
@@ -75,11 +67,15 @@ def parse_declaration(name: str, spec: object, fail, path: str) -> Parameter:
                 parse(spec[bound], f"{path}: {where}.{bound}")
             elif not _is_number(spec[bound]):
                 raise fail(f"{where}.{bound}", f"expected a number or an expression, got {spec[bound]!r}")
+    if (kind == "ranges") != ("within" in spec):
+        raise fail(f"{where}.within", "a ranges parameter needs within: (the count its ranges index), and only it")
+    if kind == "ranges":
+        parse(str(spec["within"]), f"{path}: {where}.within")
     parameter = Parameter(name, kind, spec["help"].strip(), spec.get("default"), "default" not in spec,
-                          spec.get("min"), spec.get("max"), tuple(choices))
+                          spec.get("min"), spec.get("max"), tuple(choices), spec.get("within"))
     if kind in ("int", "float") and isinstance(parameter.default, str):
         parse(parameter.default, f"{path}: {where}.default")
-    elif not parameter.required:
+    elif not parameter.required and kind != "ranges":  # a ranges default is checked against `within` when used
         try:
             convert(parameter, parameter.default)
         except SurgeryError as exc:
@@ -88,11 +84,15 @@ def parse_declaration(name: str, spec: object, fail, path: str) -> Parameter:
 
 
 def resolve(declared: Mapping[str, Parameter], given: Mapping[str, object], names: Mapping[str, object],
-            where: str) -> dict[str, object]:
+            where: str, refused: Mapping[str, str] | None = None) -> dict[str, object]:
     """Every parameter's value: given (text or typed) or default; checked against type, choices and bounds.
 
-    `names` (the source config) is what defaults and bounds may refer to, besides earlier parameters.
+    `names` (the source config) is what defaults and bounds may refer to, besides earlier parameters. `refused`
+    maps parameters the rule file cannot honour to the reason, which the error then gives.
     """
+    for name in given:
+        if name not in declared and name in (refused or {}):
+            raise SurgeryError(f"{where}: {name} cannot be used with this rule file: {refused[name]}")
     unknown = sorted(set(given) - set(declared))
     if unknown:
         known = ", ".join(declared) or "none"
@@ -100,7 +100,9 @@ def resolve(declared: Mapping[str, Parameter], given: Mapping[str, object], name
     values: dict[str, object] = {}
     scope = dict(names)
     for name, parameter in declared.items():
-        if name in given:
+        if parameter.type == "ranges":
+            value = _ranges(parameter, given.get(name, parameter.default), scope, where)
+        elif name in given:
             value = convert(parameter, given[name])
         elif parameter.required:
             raise SurgeryError(f"{where}: parameter {name} is required ({parameter.help})")
@@ -112,6 +114,47 @@ def resolve(declared: Mapping[str, Parameter], given: Mapping[str, object], name
     for name, parameter in declared.items():
         _check_bounds(parameter, values[name], scope, where)
     return values
+
+
+def _ranges(parameter: Parameter, value: object, scope: Mapping[str, object], where: str) -> list[int]:
+    """Indices from text such as `0:24,8:32` or `1:32:2,40` (Python slices over range(within), end exclusive;
+    repeats kept, in order), or from a list of integers. Past the end or empty is an error, never clipped."""
+    if value is None:
+        raise SurgeryError(f"{where}: parameter {parameter.name} is required ({parameter.help})")
+    within = evaluate(parameter.within, scope, f"{where}: parameters.{parameter.name}.within")
+    if not _is_int(within) or within < 0:
+        raise SurgeryError(f"{where}: parameters.{parameter.name}.within gives {within!r}, not a count")
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    elif isinstance(value, str):
+        items = []
+        for part in (p.strip() for p in value.split(",")):
+            items += _range_part(parameter.name, part, within)
+    else:
+        raise SurgeryError(f"{parameter.name}: expected {_KIND_TEXT['ranges']}, got {value!r}")
+    bad = [i for i in items if not _is_int(i) or not 0 <= i < within]
+    if bad:
+        raise SurgeryError(f"{parameter.name}: {bad[0]!r} is not from 0 to {within - 1} (nothing is clipped)")
+    return items
+
+
+def _range_part(name: str, part: str, within: int) -> list[int]:
+    """One comma-separated part: `7`, `a:b` or `a:b:step` (a, b or step may be left out, as in Python)."""
+    pieces = part.split(":")
+    try:
+        if len(pieces) == 1:
+            return [int(pieces[0])]
+        if len(pieces) > 3:
+            raise ValueError
+        start, stop, step = (int(p) if p.strip() else None for p in (pieces + [""])[:3])
+    except ValueError:
+        raise SurgeryError(f"{name}: {part!r} is not an index or a range a:b[:step]") from None
+    start, stop, step = 0 if start is None else start, within if stop is None else stop, 1 if step is None else step
+    if start < 0 or stop > within or step < 1:
+        raise SurgeryError(f"{name}: range {part!r} goes outside 0:{within} (nothing is clipped)")
+    if start >= stop:
+        raise SurgeryError(f"{name}: range {part!r} is empty")
+    return list(range(start, stop, step))
 
 
 def convert(parameter: Parameter, value: object) -> object:
@@ -173,8 +216,12 @@ def _check_bounds(parameter: Parameter, value: object, scope: Mapping[str, objec
 
 
 def _bound_text(bound: object, scope: Mapping[str, object]) -> str:
-    if isinstance(bound, str) and bound in scope:
-        return f"{bound} ({scope[bound]})"
+    """A bound as written, with its value when it is an expression (`num_experts (8)`)."""
+    if isinstance(bound, str):
+        try:
+            return f"{bound} ({evaluate(bound, scope, 'bound')})"
+        except SurgeryError:
+            return bound
     return str(bound)
 
 
@@ -189,4 +236,5 @@ def _is_number(value: object) -> bool:
 _KIND_TEXT = {
     "int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a text",
     "ints": "a comma-separated list of integers",
+    "ranges": "indices and ranges such as 0:24,8:32 or 1:32:2",
 }

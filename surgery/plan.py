@@ -23,7 +23,7 @@ from .expressions import evaluate, placeholders, render
 from .params import resolve
 from .producers import Copy, produce
 from .randomness import check_seed
-from .rules import INITS, RuleFile, Spec, TensorRule, compile_pattern, load_rules
+from .rules import INITS, Index, RuleFile, Spec, TensorRule, compile_pattern, load_rules
 from .values import Add, Cast, Concat, Init, Mean, Node, Noise, Reinit, Scale, Slice, Source, Stack, Take
 from .writer import DEFAULT_MAX_SHARD_BYTES, OutputTensor, shard_layout, shard_names
 
@@ -33,6 +33,8 @@ MAX_OUTPUTS = 1_000_000
 MAX_OUTPUT_BYTES = 2**53
 #: nor stack or average more parts into one tensor than this
 MAX_PARTS = 65_536
+#: largest orthogonal init (its Gram-Schmidt is quadratic in the rows)
+MAX_ORTHOGONAL = 1 << 22
 #: tensor names are printable, not empty, not safetensors' reserved key, and of reasonable length
 MAX_NAME_LENGTH = 1024
 
@@ -61,6 +63,8 @@ class Options:
 
 
 OPTION_NAMES = ("seed", "dtype", "max_shard_size")
+#: the name of the checkpoint a plan is made from, among the sources a rule file may read
+BASE = "base"
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,9 @@ class Plan:
     config: dict
     stats: dict[str, RuleStats] = field(default_factory=dict)
     exact: tuple[bool | None, str] = (None, "")
+    #: every checkpoint the plan reads, by name (`base` is `source`), and notes on how they differ
+    sources: dict[str, Checkpoint] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def outputs(self) -> list[OutputTensor]:
@@ -116,18 +123,54 @@ class Plan:
 
 
 def make_plan(source: Checkpoint, rules: RuleFile | str | Path, options: Options,
-              params: Mapping[str, object] | None = None) -> Plan:
-    """Apply `rules` with `params` to `source`'s headers; raise SurgeryError for anything that does not fit."""
+              params: Mapping[str, object] | None = None, sources: Mapping[str, Checkpoint] | None = None) -> Plan:
+    """Apply `rules` with `params` to `source`'s headers; raise SurgeryError for anything that does not fit.
+
+    `sources` are further checkpoints of the same architecture and shapes, by name, that a rule file's values
+    read with `{tensor: NAME, source: SOURCE}`; `source` itself is named `base`.
+    """
     if not isinstance(rules, RuleFile):
         rules = load_rules(rules)
     _check_source(source, rules)
-    values = resolve(rules.parameters, params or {}, source.config, rules.path)
-    names = {**source.config, **values, "seed": options.seed}
-    planner = _Planner(source, rules, options, names)
+    named = {BASE: source, **(sources or {})}
+    notes = _check_sources(named)
+    config_names = {**source.config, "config": source.config}  # `'field' in config` tests for an optional field
+    values = resolve(rules.parameters, params or {}, config_names, rules.path, rules.refuses)
+    names = {**config_names, **values, "seed": options.seed, "sources": list(named)}
+    for name, expression in rules.let.items():
+        names[name] = evaluate(expression, names, f"{rules.path}: let.{name}")
+    for that, otherwise in rules.require:
+        if not evaluate(that, names, f"{rules.path}: require"):
+            raise SurgeryError(f"{rules.name}: {render(otherwise, names, f'{rules.path}: require')}")
+    planner = _Planner(named, rules, options, names)
     tensors = planner.apply()
     config = _output_config(source, rules, options, names)
     check_json(config, f"{rules.path}: config")
-    return Plan(source, rules, options, values, tensors, config, planner.stats, _exactness(rules, names))
+    return Plan(source, rules, options, values, tensors, config, planner.stats, _exactness(rules, names), named, notes)
+
+
+def _check_sources(named: Mapping[str, Checkpoint]) -> list[str]:
+    """Every source must be the base's architecture with the same tensors (names, shapes, dtypes); returns notes
+    on side files (tokenizer, ...) that differ, for which the base's are used."""
+    base, notes = named[BASE], []
+    for name, other in named.items():
+        if other is base:
+            continue
+        where = f"source {name} ({other.location})"
+        if other.config.get("model_type") != base.config.get("model_type"):
+            raise SurgeryError(f"{where} is a {other.config.get('model_type')!r} model, the base a "
+                               f"{base.config.get('model_type')!r}: sources must share one architecture")
+        for key in sorted(set(base.tensors) ^ set(other.tensors))[:1]:
+            raise SurgeryError(f"{where}: tensor {key!r} is in only one of it and the base ({base.location})")
+        for key, info in base.tensors.items():
+            theirs = other.tensors[key]
+            if (theirs.dtype, theirs.shape) != (info.dtype, info.shape):
+                raise SurgeryError(f"{where}: {key} is {theirs.dtype}{list(theirs.shape)}, in the base "
+                                   f"{info.dtype}{list(info.shape)}")
+        differing = sorted(set(base.side_files) ^ set(other.side_files))
+        if differing:
+            notes.append(f"{where} has other side files ({', '.join(differing[:3])}): the base's are used")
+    return notes
 
 
 def check_json(value: object, where: str) -> None:
@@ -190,16 +233,34 @@ def _output_config(source: Checkpoint, rules: RuleFile, options: Options, names:
     for old, new in rules.config_rename.items():
         if _has(config, old):
             _set(config, new, _pop(config, old))
+    if rules.config_relayer:
+        _relayer(config, source.config, rules, names)
     for key, value in rules.config_set.items():
         _set(config, render(key, names, f"{rules.path}: config.set"),
              render(value, names, f"{rules.path}: config.set.{key}"))
-    config["model_type"] = rules.target["model_type"]
+    config["model_type"] = render(rules.target["model_type"], names, f"{rules.path}: target.model_type")
     if rules.target["architectures"]:
         config["architectures"] = list(rules.target["architectures"])
     for key in ("dtype", "torch_dtype"):
         if key in config and options.dtype:
             config[key] = dtypes.TORCH_NAMES[options.dtype]
     return config
+
+
+def _relayer(config: dict, source: dict, rules: RuleFile, names: dict) -> None:
+    """Output layer j is source layer layers[j]: every list with one entry per source layer is re-picked, and the
+    `index_lists` (lists of layer numbers, e.g. mlp_only_layers) are renumbered."""
+    where = f"{rules.path}: config.relayer"
+    layers = evaluate(rules.config_relayer["layers"], names, where)
+    count = source.get("num_hidden_layers")
+    if not isinstance(layers, list) or not isinstance(count, int) or any(not 0 <= i < count for i in layers):
+        raise SurgeryError(f"{where}: layers must be a list of source layer numbers from 0 to {count}")
+    for key, value in list(config.items()):
+        if isinstance(value, list) and len(value) == count and key not in rules.config_relayer["index_lists"]:
+            config[key] = [value[i] for i in layers]
+    for key in rules.config_relayer["index_lists"]:
+        if isinstance(config.get(key), list):
+            config[key] = [j for j, i in enumerate(layers) if i in config[key]]
 
 
 def _copy_config(value: object) -> object:
@@ -252,10 +313,11 @@ def _exactness(rules: RuleFile, names: dict) -> tuple[bool | None, str]:
 
 
 class _Planner:
-    def __init__(self, source: Checkpoint, rules: RuleFile, options: Options, names: dict):
-        self.source, self.rules, self.options, self.names = source, rules, options, names
+    def __init__(self, sources: Mapping[str, Checkpoint], rules: RuleFile, options: Options, names: dict):
+        self.sources, self.source = sources, sources[BASE]
+        self.rules, self.options, self.names = rules, options, names
         self.stats = {rule.where: RuleStats() for rule in rules.tensors}
-        self.model_dtype = options.dtype or _float_or_f32(source.dominant_dtype)
+        self.model_dtype = options.dtype or _float_or_f32(self.source.dominant_dtype)
         self.taken: set[str] = set()
         self.outputs = self.nbytes = 0
 
@@ -319,8 +381,9 @@ class _Planner:
                 and n not in captured]
         ranges, share, combos = [], Fraction(1), 1
         for index in free:
-            count = self.integer(index.count, f"indices.{index.name}.count")
-            ranges.append(range(count))
+            values = self.index_values(index, {**self.names, **captured})
+            ranges.append(values)
+            count = len(values)
             combos *= count
             if self.outputs + combos > MAX_OUTPUTS:
                 raise SurgeryError(
@@ -330,6 +393,17 @@ class _Planner:
                 share *= Fraction(self.integer(index.active, f"indices.{index.name}.active"), count)
         return [({**captured, **dict(zip((i.name for i in free), combo))}, share)
                 for combo in itertools.product(*ranges)]
+
+    def index_values(self, index: Index, names: dict) -> list | range:
+        """The values an index runs over: range(count) (lazy: counted before it is used), or the list its `values`
+        expression gives."""
+        if index.values is None:
+            return range(self.integer(index.count, f"indices.{index.name}.count", names))
+        where = f"{self.rules.path}: indices.{index.name}.values"
+        values = evaluate(index.values, names, where)
+        if not isinstance(values, (list, range)) or not all(isinstance(v, (int, str)) for v in values):
+            raise SurgeryError(f"{where}: expected a list of integers or names, got {values!r}")
+        return list(values)
 
     def _dtype(self, rule: TensorRule, node: Node) -> str:
         """The stored dtype: the rule's, else --dtype for float values, else the value's own."""
@@ -407,20 +481,27 @@ class _Builder:
     def over(self, spec: Spec, names: dict) -> list[Node]:
         """The child built once per value of the `over` index."""
         index = self.planner.rules.indices[spec.args["over"]]
-        count = self.planner.integer(index.count, f"indices.{index.name}.count", names)
-        if not 1 <= count <= MAX_PARTS:
-            raise self.fail(spec, f"over {index.name}: {count} parts (from 1 to {MAX_PARTS:,} allowed)")
+        values = self.planner.index_values(index, names)
+        if not 1 <= len(values) <= MAX_PARTS:
+            raise self.fail(spec, f"over {index.name}: {len(values)} parts (from 1 to {MAX_PARTS:,} allowed)")
         if index.active is not None:
-            self.share *= Fraction(self.planner.integer(index.active, f"indices.{index.name}.active", names), count)
-        return [self.build(spec.children[0], {**names, index.name: i}) for i in range(count)]
+            active = self.planner.integer(index.active, f"indices.{index.name}.active", names)
+            self.share *= Fraction(active, len(values))
+        return [self.build(spec.children[0], {**names, index.name: i}) for i in values]
 
     def _tensor(self, spec: Spec, names: dict) -> Node:
-        name = fill(spec.args["name"], names, f"{self.planner.rules.path}: {spec.where}")
-        info = self.planner.source.tensors.get(name)
+        path = self.planner.rules.path
+        name = fill(spec.args["name"], names, f"{path}: {spec.where}")
+        source = fill(spec.args.get("source", BASE), names, f"{path}: {spec.where}.source")
+        checkpoint = self.planner.sources.get(source)
+        if checkpoint is None:
+            raise self.fail(spec, f"no source named {source!r} (the sources: {', '.join(self.planner.sources)})")
+        info = checkpoint.tensors.get(name)
         if info is None:
-            raise self.fail(spec, f"the source has no tensor {name!r}")
-        self.taken.add(name)
-        return Source(info, self.planner.source.files)
+            raise self.fail(spec, f"source {source} has no tensor {name!r}")
+        if source == BASE:
+            self.taken.add(name)
+        return Source(info, checkpoint.files)
 
     def _init(self, spec: Spec, names: dict) -> Node:
         kind = fill(spec.args["kind"], names, f"{self.planner.rules.path}: {spec.where}.init")
@@ -429,7 +510,10 @@ class _Builder:
         shape = tuple(self.planner.integer(d, f"{spec.where}.shape", names) for d in spec.args["shape"])
         _bounded_numel(shape, f"{self.planner.rules.path}: {spec.where}")
         scale = 0.0
-        if kind == "normal":
+        if kind == "orthogonal" and (len(shape) != 2 or shape[0] > shape[1] or math.prod(shape) > MAX_ORTHOGONAL):
+            raise self.fail(spec, f"orthogonal init needs a matrix with no more rows than columns and at most "
+                                  f"{MAX_ORTHOGONAL:,} elements, not {list(shape)}")
+        if kind in ("normal", "orthogonal"):
             scale = self.number(spec, "std", names, high=1e6) if "std" in spec.args else 1.0
         elif kind == "uniform":
             default = 1 / math.sqrt(shape[-1]) if shape and shape[-1] else 1.0

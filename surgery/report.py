@@ -6,6 +6,7 @@ import json
 
 from . import __version__
 from .plan import Plan
+from .writer import plan_shards
 
 
 def human_count(n: float) -> str:
@@ -33,8 +34,7 @@ def plan_summary(plan: Plan, list_tensors: bool = False) -> str:
     """What `surgery plan` prints: parameters, bytes, what each rule does, exactness, and the shard layout."""
     src, opts = plan.source, plan.options
     shards = plan.shards()
-    copied = sum(s.copied for s in plan.stats.values())
-    computed = sum(s.computed for s in plan.stats.values())
+    copied, computed = byte_split(plan)
     unchanged = [p for p in plan.tensors if p.rule == "unchanged"]
     lines = [
         f"source:     {src.location} ({src.config.get('model_type')}, {src.num_parameters:,} parameters, "
@@ -47,8 +47,9 @@ def plan_summary(plan: Plan, list_tensors: bool = False) -> str:
         f"({human_count(src.num_parameters)} -> {human_count(plan.num_parameters)}), "
         f"{plan.active_parameters:,} active per token ({human_count(plan.active_parameters)})",
         f"output:     {plan.nbytes:,} bytes ({human_bytes(plan.nbytes)}) in {len(shards)} shard(s) "
-        f"of at most {human_bytes(opts.max_shard_size)}; {human_bytes(copied + _bytes(unchanged))} copied as is, "
+        f"of at most {human_bytes(opts.max_shard_size)}; {human_bytes(copied)} copied as is, "
         f"{human_bytes(computed)} computed",
+        f"sharing:    {sharing_line(plan)}",
         f"exact:      {exactness_line(plan)}",
         f"tensors:    {len(plan.tensors)}",
     ]
@@ -68,6 +69,15 @@ def plan_summary(plan: Plan, list_tensors: bool = False) -> str:
     return "\n".join(lines)
 
 
+def sharing_line(plan: Plan) -> str:
+    """How many output bytes a reflink filesystem can share with the source instead of writing them: the copied
+    bytes whose source and output offsets agree modulo 4096, in whole aligned blocks."""
+    shareable = sum(s.shareable for s in plan_shards(plan.outputs, plan.options.max_shard_size))
+    share = f"{100 * shareable / plan.nbytes:.1f}%" if plan.nbytes else "0%"
+    return (f"{human_bytes(shareable)} ({share}) can share blocks with the source instead of being written, on a "
+            "reflink filesystem (XFS, btrfs, ZFS >= 2.2, bcachefs) holding both the source and the output")
+
+
 def exactness_line(plan: Plan) -> str:
     """`function-preserving at init: yes (why)`, `no (why)`, or that the rule file does not say."""
     verdict, why = plan.exact
@@ -76,8 +86,11 @@ def exactness_line(plan: Plan) -> str:
     return f"function-preserving at init: {'yes' if verdict else 'no'} ({why})"
 
 
-def _bytes(planned: list) -> int:
-    return sum(p.tensor.nbytes for p in planned)
+def byte_split(plan: Plan) -> tuple[int, int]:
+    """(bytes copied as is, bytes computed) of the whole output; tensors no rule took count as copied."""
+    unchanged = sum(p.tensor.nbytes for p in plan.tensors if p.rule == "unchanged")
+    copied = sum(s.copied for s in plan.stats.values())
+    return copied + unchanged, sum(s.computed for s in plan.stats.values())
 
 
 def model_card(plan: Plan, command: str | None = None) -> str:

@@ -22,18 +22,20 @@ _PACKAGE = Path(__file__).resolve().parent
 #: built-in rule files: inside the wheel at surgery/rules, in a source checkout at the repo's rules/
 BUILTIN_DIRS = (_PACKAGE / "rules", _PACKAGE.parent / "rules")
 #: kinds of new tensors
-INITS = ("zeros", "normal", "uniform")
+INITS = ("zeros", "normal", "uniform", "orthogonal")
 #: a placeholder that captures a number (`{layer}`), or any text (`{rest:*}`)
 _CAPTURE = re.compile(r"^([A-Za-z_]\w*)(:\*)?$")
 
 
 @dataclass(frozen=True)
 class Index:
-    """A placeholder that fans one tensor out into several, e.g. `expert` over range(num_experts)."""
+    """A placeholder that fans one tensor out into several, e.g. `expert` over range(num_experts); or over the
+    list an expression gives (`values`), which may depend on the placeholders a source pattern captured."""
 
     name: str
-    count: str
+    count: str | None
     active: str | None
+    values: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,17 @@ class Exactness:
 
 
 @dataclass(frozen=True)
+class NumericCheck:
+    """Which module of the source and of the output compute the same function, per layer: prefixes of their
+    parameter names (`model.layers.{layer}.mlp`), for `surgery verify --numeric`; `config` edits the output's
+    config for a one-layer model of layer `{layer}` (e.g. whether that layer is MoE)."""
+
+    source: str
+    target: str
+    config: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class RuleFile:
     name: str
     description: str
@@ -99,8 +112,13 @@ class RuleFile:
     config_delete: tuple[str, ...] = ()
     config_rename: dict[str, str] = field(default_factory=dict)
     config_set: dict = field(default_factory=dict)
+    config_relayer: dict = field(default_factory=dict)
+    let: dict[str, str] = field(default_factory=dict)
     drop: tuple[str, ...] = ()
     exact: Exactness | None = None
+    require: tuple[tuple[str, str], ...] = ()
+    refuses: dict[str, str] = field(default_factory=dict)
+    numeric_check: NumericCheck | None = None
     tensors: tuple[TensorRule, ...] = ()
 
 
@@ -159,7 +177,8 @@ def parse_rules(doc: object, path: str, sha256: str = "") -> RuleFile:
     """Validate a parsed rule document; errors name the file and the field."""
     r = _Reader(path)
     top = r.mapping(doc, "", required=("name", "source", "target", "tensors"),
-                    optional=("description", "parameters", "indices", "config", "drop", "exact"))
+                    optional=("description", "parameters", "let", "indices", "config", "drop", "exact", "require",
+                              "refuses", "numeric_check"))
     source = r.mapping(top["source"], "source", required=("model_type",), optional=("forbid",))
     target = r.mapping(top["target"], "target", required=("model_type",), optional=("architectures",))
     parameters = {
@@ -167,7 +186,7 @@ def parse_rules(doc: object, path: str, sha256: str = "") -> RuleFile:
         for name, spec in r.mapping(top.get("parameters", {}), "parameters").items()
     }
     indices = {name: _index(r, name, spec) for name, spec in r.mapping(top.get("indices", {}), "indices").items()}
-    config = r.mapping(top.get("config", {}), "config", optional=("delete", "rename", "set"))
+    config = r.mapping(top.get("config", {}), "config", optional=("delete", "rename", "set", "relayer"))
     drop = tuple(r.strings(top.get("drop", []), "drop"))
     for i, template in enumerate(drop):
         compile_pattern(template, r, f"drop[{i}]")
@@ -187,8 +206,13 @@ def parse_rules(doc: object, path: str, sha256: str = "") -> RuleFile:
         config_rename={k: r.typed(v, f"config.rename.{k}", str)
                        for k, v in r.mapping(config.get("rename", {}), "config.rename").items()},
         config_set=r.mapping(config.get("set", {}), "config.set"),
+        config_relayer=_relayer(r, config.get("relayer")),
+        let={str(k): str(r.expression(v, f"let.{k}")) for k, v in r.mapping(top.get("let", {}), "let").items()},
         drop=drop,
         exact=_exactness(r, top["exact"]) if "exact" in top else None,
+        require=_requirements(r, top.get("require", [])),
+        refuses={str(k): r.typed(v, f"refuses.{k}", str) for k, v in r.mapping(top.get("refuses", {}), "refuses").items()},
+        numeric_check=_numeric_check(r, top["numeric_check"]) if "numeric_check" in top else None,
         tensors=tuple(_tensor_rule(r, f"tensors[{i}]", spec, indices) for i, spec in enumerate(tensors)),
     )
     if not rules.tensors:
@@ -279,10 +303,15 @@ def _index(r: _Reader, name: str, spec: object) -> Index:
     where = f"indices.{name}"
     if isinstance(spec, (str, int)):
         return Index(name, str(r.expression(spec, where)), None)
-    spec = r.mapping(spec, where, required=("count",), optional=("active",))
+    spec = r.mapping(spec, where, optional=("count", "active", "values"))
+    if ("count" in spec) == ("values" in spec):
+        raise r.fail(where, "give either count (values 0..count-1) or values (an expression giving the list)")
     active = spec.get("active")
-    return Index(name, str(r.expression(spec["count"], f"{where}.count")),
-                 None if active is None else str(r.expression(active, f"{where}.active")))
+    expression = {k: None if spec.get(k) is None else str(r.expression(spec[k], f"{where}.{k}"))
+                  for k in ("count", "active", "values")}
+    if active is not None and expression["values"] is not None:
+        raise r.fail(where, "active goes with count, not values")
+    return Index(name, expression["count"], expression["active"], expression["values"])
 
 
 def _exactness(r: _Reader, spec: object) -> Exactness:
@@ -293,6 +322,31 @@ def _exactness(r: _Reader, spec: object) -> Exactness:
         unless.append((str(r.expression(item["when"], f"exact.unless[{i}].when")),
                        r.typed(item["why"], f"exact.unless[{i}].why", str)))
     return Exactness(r.typed(spec["because"], "exact.because", str), tuple(unless))
+
+
+def _relayer(r: _Reader, spec: object) -> dict:
+    """`config.relayer: {layers: EXPR, index_lists: [field, ...]}`: output layer j is source layer layers[j]."""
+    if spec is None:
+        return {}
+    spec = r.mapping(spec, "config.relayer", required=("layers",), optional=("index_lists",))
+    return {"layers": str(r.expression(spec["layers"], "config.relayer.layers")),
+            "index_lists": r.strings(spec.get("index_lists", []), "config.relayer.index_lists")}
+
+
+def _requirements(r: _Reader, spec: object) -> tuple[tuple[str, str], ...]:
+    """`require: [{that: EXPR, else: "message {with} {placeholders}"}]`: conditions on parameters and config."""
+    out = []
+    for i, item in enumerate(r.typed(spec, "require", list)):
+        item = r.mapping(item, f"require[{i}]", required=("that", "else"), optional=())
+        out.append((str(r.expression(item["that"], f"require[{i}].that")), r.template(item["else"], f"require[{i}].else")))
+    return tuple(out)
+
+
+def _numeric_check(r: _Reader, spec: object) -> NumericCheck:
+    spec = r.mapping(spec, "numeric_check", required=("source", "target"), optional=("config",))
+    return NumericCheck(r.template(spec["source"], "numeric_check.source"),
+                        r.template(spec["target"], "numeric_check.target"),
+                        r.mapping(spec.get("config", {}), "numeric_check.config"))
 
 
 def _tensor_rule(r: _Reader, where: str, spec: object, indices: dict[str, Index]) -> TensorRule:
@@ -366,8 +420,11 @@ def _value(r: _Reader, spec: object, where: str, indices: dict[str, Index]) -> S
         return Spec("tensor", where, args={"name": r.template(spec, where)})
     spec = r.typed(spec, where, dict)
     if "tensor" in spec:
-        r.mapping(spec, where, required=("tensor",), optional=())
-        return Spec("tensor", where, args={"name": r.template(spec["tensor"], f"{where}.tensor")})
+        r.mapping(spec, where, required=("tensor",), optional=("source",))
+        args = {"name": r.template(spec["tensor"], f"{where}.tensor")}
+        if "source" in spec:
+            args["source"] = r.template(spec["source"], f"{where}.source")
+        return Spec("tensor", where, args=args)
     if "init" in spec:
         spec = r.mapping(spec, where, required=("init", "shape"), optional=_INIT_FIELDS)
         shape = r.typed(spec["shape"], f"{where}.shape", list)

@@ -151,7 +151,8 @@ class _Parts(Node):
 
 @dataclass(frozen=True, eq=False)
 class Init(Computed):
-    """A new tensor: zeros, normal(0, scale) or uniform(-scale, scale), drawn from the stream of (seed, key)."""
+    """A new tensor: zeros, normal(0, scale), uniform(-scale, scale), or orthogonal (orthogonal rows of norm
+    scale * sqrt(columns), like normal rows'), drawn from the stream of (seed, key)."""
 
     kind: str
     shape: tuple[int, ...]
@@ -163,6 +164,12 @@ class Init(Computed):
     def compute(self, box: Box, ctx: Context) -> np.ndarray:
         if self.kind == "zeros":
             return np.zeros(_box_shape(box), dtype=np.float32)
+        if self.kind == "orthogonal":
+            state = ctx.of(self)
+            if "matrix" not in state:
+                draws = RandomStream(self.seed, self.key).normal(self.numel).reshape(self.shape)
+                state["matrix"] = orthonormal_rows(draws) * (self.scale * math.sqrt(self.shape[1]))
+            return state["matrix"][tuple(slice(a, b) for a, b in box)]
         values = _draw_box(self, box, ctx, self.kind, self.seed, self.key)
         if self.kind == "uniform":
             values = values * 2.0 - 1.0  # exact: uniform in [-1, 1)
@@ -513,6 +520,20 @@ def statistics(node: Node, ctx: Context, dim: int | None = None, chosen: np.ndar
             count = total
         state[key] = (mean, math.sqrt(m2 / count) if count else 0.0)
     return state[key]
+
+
+def orthonormal_rows(matrix: np.ndarray) -> np.ndarray:
+    """Modified Gram-Schmidt on the rows (no more rows than columns), with every dot product summed exactly
+    (math.fsum): the same bits on every machine, unlike a BLAS or LAPACK routine."""
+    rows = np.array(matrix, dtype=np.float64)
+    for i in range(rows.shape[0]):
+        for j in range(i):
+            rows[i] -= math.fsum(rows[i] * rows[j]) * rows[j]
+        norm = math.sqrt(math.fsum(rows[i] * rows[i]))
+        if norm == 0:
+            raise SurgeryError("orthogonal init: a random row is a combination of the others; change the seed")
+        rows[i] /= norm
+    return rows
 
 
 def chosen_indices(seed: int, key: str, n: int, count: int) -> np.ndarray:

@@ -193,6 +193,55 @@ def test_demo(tmp_path):
     assert result.output.count("trainable params: ") == 2
 
 
+def test_quickstart_demo_runs_twice(tmp_path, monkeypatch):
+    """The second `surgery demo` replaces the first one's output, and only that."""
+    monkeypatch.chdir(tmp_path)
+    assert run("demo").exit_code == 0
+    again = run("demo")
+    assert again.exit_code == 0, again.output
+    assert "replacing the previous demo output in surgery-demo" in again.output and "verified: 41 tensors" in again.output
+    assert [p.name for p in tmp_path.iterdir()] == ["surgery-demo"]
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def _notes(folder):
+    (folder / "notes.txt").write_text("precious")
+
+
+def _other_checkpoint(folder):
+    (folder / "config.json").write_text('{"model_type": "mixtral"}')
+    (folder / "model.safetensors").write_bytes(b"not the demo's")
+
+
+def _demo_plus_a_user_file(folder):
+    assert run("demo", folder).exit_code == 0
+    (folder / "my-notes.txt").write_text("precious")
+
+
+def _demo_with_another_card(folder):
+    assert run("demo", folder).exit_code == 0
+    card = folder / "README.md"
+    card.write_text(card.read_text().replace("surgery demo", "surgery upcycle"))
+
+
+@pytest.mark.parametrize("make", [_notes, _other_checkpoint, _demo_plus_a_user_file, _demo_with_another_card])
+def test_demo_leaves_a_folder_that_is_not_its_own_untouched(tmp_path, monkeypatch, make):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "surgery-demo"
+    folder.mkdir()
+    make(folder)
+    before = _snapshot(folder)
+    for _ in range(2):  # the second run replaces its own output in surgery-demo-2
+        result = run("demo")
+        assert result.exit_code == 0, result.output
+        assert "surgery-demo holds other files, left untouched: writing to surgery-demo-2" in result.output
+        assert _snapshot(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["surgery-demo", "surgery-demo-2"]
+
+
 def test_plan_of_header_only_mistral_7b(tmp_path):
     """The seed's numbers: Mistral-7B -> 4 experts is 7.24B -> 24.15B parameters, 12.88B active at top-2."""
     from benchmarks.synthetic import write_synthetic

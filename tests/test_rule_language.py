@@ -22,10 +22,42 @@ from .test_cli import assert_one_line_error, run
 
 ROOT = Path(__file__).resolve().parent.parent
 MOE = ["-r", "mistral-to-mixtral", "-e", "4", "-k", "2"]
+SIMPLE_MOE = ["-e", "4", "-k", "2"]
 
 
-def builtin(name: str = "mistral-to-mixtral") -> dict:
-    return yaml.safe_load(surgery.rules.find_rules(name).read_text())
+#: a small Mistral -> Mixtral rule file that the tests below edit (the built-in one has more parameters)
+SIMPLE = """
+name: simple
+source: {model_type: [mistral]}
+target: {model_type: mixtral, architectures: [MixtralForCausalLM]}
+parameters:
+  num_experts: {type: int, min: 1, max: 4096, help: Experts per MoE layer.}
+  experts_per_token: {type: int, min: 1, max: num_experts, help: Experts routed per token.}
+  router_init: {type: str, default: normal, choices: [normal, zeros, uniform], help: How routers start.}
+  router_std: {type: float, default: 0.02, min: 0, max: 100, help: Std of the normal router init.}
+indices:
+  expert: {count: num_experts, active: experts_per_token}
+exact:
+  because: every expert is the dense MLP and Mixtral renormalises its top-k weights to sum to 1
+config:
+  set:
+    num_local_experts: "{num_experts}"
+    num_experts_per_tok: "{experts_per_token}"
+tensors:
+  - from: model.layers.{layer}.mlp.gate_proj.weight
+    to:   model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight
+  - from: model.layers.{layer}.mlp.up_proj.weight
+    to:   model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight
+  - from: model.layers.{layer}.mlp.down_proj.weight
+    to:   model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight
+  - to: model.layers.{layer}.block_sparse_moe.gate.weight
+    for_each: model.layers.{layer}.mlp.gate_proj.weight
+    value: {init: "{router_init}", shape: [num_experts, hidden_size], std: router_std}
+"""
+
+
+def builtin() -> dict:
+    return yaml.safe_load(SIMPLE)
 
 
 def write(tmp_path: Path, doc: dict, name: str = "custom.yaml") -> Path:
@@ -51,12 +83,14 @@ def test_parameters_from_the_command_line_and_python(mistral, tmp_path):
     assert by_shortcut.exit_code == 0 and by_shortcut.output == by_param.output
     assert "router_std=0.5" in by_param.output
     plan = surgery.plan(mistral, "mistral-to-mixtral", num_experts=4, experts_per_token=2, router_std=0.5)
-    assert plan.params == {"num_experts": 4, "experts_per_token": 2, "router_init": "normal", "router_std": 0.5}
+    assert {k: plan.params[k] for k in ("num_experts", "experts_per_token", "router_init", "router_std")} == \
+        {"num_experts": 4, "experts_per_token": 2, "router_init": "normal", "router_std": 0.5}
+    assert plan.params["granularity"] == 1 and plan.params["drop_ratio"] == 0  # the defaults of the others
 
 
 @pytest.mark.parametrize("args,message", [
     (["-p", "num_experts=4"], "parameter experts_per_token is required"),
-    ([*MOE[2:], "-p", "granularity=2"], "no parameter 'granularity' (its parameters: num_experts"),
+    ([*MOE[2:], "-p", "colour=2"], "no parameter 'colour' (its parameters: num_experts"),
     ([*MOE[2:], "-p", "router_init=xavier"], "router_init: expected one of normal, zeros, uniform"),
     ([*MOE[2:], "-p", "router_std=-1"], "router_std must be from 0 to 100, got -1.0"),
     ([*MOE[2:], "-p", "router_std=inf"], "router_std: expected a finite number"),
@@ -177,7 +211,7 @@ def test_dotted_names_in_expressions_and_config_edits(mistral, tmp_path):
 def test_plan_reports_each_rule_and_the_exactness_claim(mistral, tmp_path):
     result = run("plan", mistral, *MOE)
     lines = result.output.splitlines()
-    assert any(line.startswith("exact:      function-preserving at init: yes (every expert") for line in lines)
+    assert any(line.startswith("exact:      function-preserving at init: yes (the experts of a copy") for line in lines)
     assert any("tensors[0]: model.layers.{layer}.mlp.gate_proj.weight -> " in line and "2 matched, 8 written" in line
                and "copied, 0 B computed" in line for line in lines)
     assert any(line.startswith("  tensors[3]") and "0 B copied" in line for line in lines)
@@ -208,7 +242,7 @@ ABUSES = [
     ("nested parentheses", lambda d: d["config"]["set"].update(x="{" + "-" * 900 + "1}"), "more than 256 parts"),
     ("huge integers", lambda d: d["config"]["set"].update(x="{4294967296 * 4294967296 * 2}"), "larger than 2**64"),
     ("power", lambda d: d["config"]["set"].update(x="{2 ** 100000}"), "only numbers, names"),
-    ("a call", lambda d: d["config"]["set"].update(x="{open('x')}"), "sqrt() can be called"),
+    ("a call", lambda d: d["config"]["set"].update(x="{open('x')}"), "() can be called, with plain arguments"),
     ("attributes of numbers", lambda d: d["config"]["set"].update(x="{num_experts.real}"), "no field 'real'"),
     ("huge lists", lambda d: d["config"]["set"].update(x="{sorted(range(10 ** 9))}"), "only numbers"),
     ("huge ranges", lambda d: d["config"]["set"].update(x="{sorted(range(1000000000))}"), "longer than 1,000,000"),
@@ -261,7 +295,21 @@ def test_the_reference_mentions_every_field_and_op():
               "target.architectures", "indices", "exact", "config.delete", "config.rename", "config.set", "drop",
               "tensors", "from", "to", "value", "for_each", "when", "dtype", "optional", "new", "shape", "init",
               "because", "unless", "why", "count", "active", "help", "default", "min", "max", "choices", "tensor",
+              "within", "require", "that", "else", "refuses", "numeric_check",
               *TYPES, *OPS, *_INIT_FIELDS}
     fields |= {f for _, required, optional in OPS.values() for f in (*required, *optional)}
     missing = sorted(f for f in fields if f"`{f}`" not in text and f"{f}:" not in text)
     assert not missing, f"docs/rules.md does not mention {missing}"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("0:3,1:4", [0, 1, 2, 1, 2, 3]), ("1:", [1, 2, 3]), ("0:4:2", [0, 2]), ("3,0", [3, 0]), (":2", [0, 1]),
+    ([2, 1], [2, 1]),
+])
+def test_ranges_parameters(text, expected):
+    from surgery.params import parse_declaration, resolve
+
+    declared = {"layers": parse_declaration("layers", {"type": "ranges", "within": "num_hidden_layers",
+                                                       "help": "h", "default": "0:"}, None, "x.yaml")}
+    assert resolve(declared, {"layers": text}, {"num_hidden_layers": 4}, "x.yaml") == {"layers": expected}
+    assert resolve(declared, {}, {"num_hidden_layers": 3}, "x.yaml") == {"layers": [0, 1, 2]}

@@ -16,20 +16,17 @@ TINY = dict(
 
 
 def save_tiny(kind: str, folder: Path, shards: int = 3, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
-    """Save a randomly initialised tiny `kind` ("mistral" or "llama") model in at least `shards` shards."""
+    """Save a randomly initialised tiny causal LM of model_type `kind` ("mistral", "llama", "qwen2", "qwen3", ...)
+    in at least `shards` shards."""
     import torch
     import transformers
 
-    config_class, model_class = {
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-    }[kind]
-    config = config_class(**{**TINY, **overrides})
+    config = transformers.AutoConfig.for_model(kind, **{**TINY, **overrides})
     torch.manual_seed(seed)
-    model = model_class(config).to(getattr(torch, dtype)).eval()
-    with torch.no_grad():  # norms start at 1: perturb them so a mix-up of tensors shows in the logits
+    model = transformers.AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype)).eval()
+    with torch.no_grad():  # norms start at 1 and biases at 0: perturb them so a mix-up shows in the logits
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(".bias"):
                 p.add_(torch.rand_like(p) * 0.5)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(folder, max_shard_size=max(1, total // (shards + 1)))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..api import open_source
 from ..checkpoint import Checkpoint
 from ..errors import SurgeryError
+from ..expressions import evaluate
 from ..execute import execute
 from ..plan import Options, Plan, make_plan
 from ..report import parameter_line
@@ -169,6 +170,43 @@ def method_params(config: Mapping[str, Any], where: str = "method") -> tuple[dic
     return params, save
 
 
+#: FusionBench's depth up-scaling: its method names and classes, and the keys of its configs
+DEPTH_NAMES = ("depth_upscaling",)
+DEPTH_CLASSES = ("DepthUpscalingAlgorithm", "DepthUpscalingForLlama")
+DEPTH_KEYS = ("name", "_target_", "layer_indices", "model_save_path")
+DEPTH_RULES = "depth-upscale"
+
+
+def is_depth_upscaling(config: Mapping[str, Any]) -> bool:
+    """Whether a method config asks for FusionBench's depth up-scaling (else it is Mixtral upscaling)."""
+    return (config.get("name") in DEPTH_NAMES
+            or str(config.get("_target_", "")).rpartition(".")[2] in DEPTH_CLASSES)
+
+
+def depth_params(config: Mapping[str, Any], where: str = "method") -> tuple[dict[str, object], str | None]:
+    """A depth up-scaling method config: the `layers` parameter of the depth-upscale rule file, and
+    `model_save_path` (None when not set).
+
+    FusionBench evaluates string entries of `layer_indices` with Python's `eval` ("range(6, 12)"); here they are
+    read by the rule files' safe expressions, which take the same ranges and lists and nothing else.
+    """
+    check_keys(config, DEPTH_KEYS, where)
+    indices = config.get("layer_indices")
+    if not isinstance(indices, Sequence) or isinstance(indices, str) or not indices:
+        raise SurgeryError(f"{where}.layer_indices: expected a list of layer numbers and range strings, got {indices!r}")
+    layers: list[int] = []
+    for i, entry in enumerate(indices):
+        value = evaluate(entry, {}, f"{where}.layer_indices[{i}]") if isinstance(entry, str) else entry
+        items = list(value) if isinstance(value, (list, range)) else [value]
+        if not all(isinstance(item, int) and not isinstance(item, bool) for item in items):
+            raise SurgeryError(f"{where}.layer_indices[{i}]: {entry!r} is not a layer number or a list of them")
+        layers += items
+    save = config.get("model_save_path")
+    if save is not None and not isinstance(save, (str, os.PathLike)):
+        raise SurgeryError(f"{where}.model_save_path: expected a folder or null, got {save!r}")
+    return {"layers": layers}, save
+
+
 def pretrained_entry(pool: Mapping[str, Any], where: str = "modelpool") -> tuple[object, str]:
     """The `_pretrained_` model of a model-pool config, and the dotted key that holds it.
 
@@ -210,8 +248,8 @@ def mixtral_rules(source: Checkpoint) -> RuleFile:
     if not source.config:
         raise SurgeryError(f"{source.location}: no config.json, so there is no model_type to choose a rule file by")
     model_type = source.config.get("model_type")
-    to_mixtral = [rules for rules in map(load_rules, builtin_rule_names())
-                  if rules.target["model_type"] == TARGET_MODEL_TYPE]
+    to_mixtral = [rules for rules in map(load_rules, builtin_rule_names())  # upcycles: into Mixtral, from others
+                  if rules.target["model_type"] == TARGET_MODEL_TYPE and TARGET_MODEL_TYPE not in rules.source_model_types]
     found = [rules for rules in to_mixtral if model_type in rules.source_model_types]
     if len(found) == 1:
         return found[0]

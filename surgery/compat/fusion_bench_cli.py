@@ -1,7 +1,9 @@
-"""`surgery fusion-bench`: FusionBench's command line for Mixtral upscaling, streamed through the engine.
+"""`surgery fusion-bench`: FusionBench's command line for Mixtral upscaling and depth up-scaling, streamed.
 
     surgery fusion-bench method=mixtral_moe_upscaling modelpool=mixtral_moe_upscaling \\
         modelpool.models.0.path=SRC method.save_checkpoint=DST taskpool=dummy
+    surgery fusion-bench method=depth_upscaling modelpool=depth_upscaling \\
+        modelpool.models.0.path=SRC 'method.layer_indices=["range(0,24)","range(8,32)"]' method.model_save_path=DST
 
 Configs are parsed with PyYAML (no omegaconf or Hydra needed) and the model is never loaded.
 """
@@ -19,7 +21,10 @@ from ..api import open_source, upcycle
 from ..errors import SurgeryError
 from ..plan import Options, make_plan
 from ..report import parameter_line
-from .fusion_bench import check_save_checkpoint, method_params, mixtral_rules, pretrained_entry
+from ..rules import load_rules
+from .fusion_bench import (
+    DEPTH_RULES, check_save_checkpoint, depth_params, is_depth_upscaling, method_params, mixtral_rules, pretrained_entry,
+)
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 #: config groups selected by `group=NAME_OR_PATH` and changed by `group.key=value`
@@ -30,16 +35,19 @@ TASKPOOLS = ("dummy",)
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("arguments", nargs=-1, metavar="KEY=VALUE...")
 def fusion_bench_command(arguments: tuple[str, ...]) -> None:
-    """Run FusionBench's Mixtral upscaling config, streamed: `fusion_bench ARGS` -> `surgery fusion-bench ARGS`.
+    """Run FusionBench's Mixtral upscaling or depth up-scaling config, streamed: `fusion_bench ARGS` ->
+    `surgery fusion-bench ARGS`.
 
     \b
-    method=NAME|FILE       mixtral_moe_upscaling (built in) or a method YAML
-    modelpool=NAME|FILE    mixtral_moe_upscaling (built in) or a model pool YAML
+    method=NAME|FILE       mixtral_moe_upscaling, depth_upscaling (built in) or a method YAML
+    modelpool=NAME|FILE    mixtral_moe_upscaling, depth_upscaling (built in) or a model pool YAML
     group.key=VALUE        overrides, e.g. modelpool.models.0.path=SRC method.save_checkpoint=DST
     taskpool=dummy         print the result's parameter counts
 
-    The `_pretrained_` checkpoint is streamed into method.save_checkpoint with the built-in rule file
-    for its model_type; it is never loaded. Without save_checkpoint nothing is written (plan only).
+    The `_pretrained_` checkpoint is streamed into method.save_checkpoint (Mixtral upscaling, with the
+    built-in rule file for its model_type) or method.model_save_path (depth up-scaling, with the
+    depth-upscale rule file and method.layer_indices: layer numbers and range strings such as
+    "range(8,32)"); it is never loaded. Without a save path nothing is written (plan only).
     """
     from ..cli import friendly_errors  # here, not at the top: surgery.cli imports this module
 
@@ -47,9 +55,12 @@ def fusion_bench_command(arguments: tuple[str, ...]) -> None:
 
 
 def run_job(arguments: tuple[str, ...]) -> None:
-    """Upcycle (or, without save_checkpoint, plan) the pool's `_pretrained_` checkpoint as the method says."""
+    """Upcycle or depth-upscale (or, without a save path, plan) the pool's `_pretrained_` checkpoint as the
+    method says."""
     configs, taskpool = parse_arguments(arguments)
-    params, save_checkpoint = method_params(configs["method"])
+    depth = is_depth_upscaling(configs["method"])
+    params, save_checkpoint = (depth_params if depth else method_params)(configs["method"])
+    save_key = "method.model_save_path" if depth else "method.save_checkpoint"
     path, key = pretrained_entry(configs["modelpool"])
     if not isinstance(path, str):
         raise SurgeryError(f"{key}: expected a checkpoint path, got {path!r}")
@@ -58,11 +69,11 @@ def run_job(arguments: tuple[str, ...]) -> None:
     except SurgeryError as exc:
         hint = "" if Path(path).exists() else f"; give the dense checkpoint with {key}=PATH"
         raise SurgeryError(f"{key}: {exc}{hint}") from None
-    rules = mixtral_rules(source)
+    rules = load_rules(DEPTH_RULES) if depth else mixtral_rules(source)
     if save_checkpoint is None:
         total = make_plan(source, rules, Options(), params).num_parameters
-        click.echo("method.save_checkpoint is null: planned only, nothing written "
-                   "(set method.save_checkpoint=DIR to write the model)", err=True)
+        click.echo(f"{save_key} is null: planned only, nothing written (set {save_key}=DIR to write the model)",
+                   err=True)
     else:
         check_save_checkpoint(save_checkpoint)
         out = upcycle(source, save_checkpoint, rules, command=shlex.join(["surgery", *sys.argv[1:]]), **params)
@@ -96,7 +107,7 @@ def parse_arguments(arguments: tuple[str, ...]) -> tuple[dict[str, dict], str | 
         raise SurgeryError(f"taskpool={taskpool}: only {', '.join(TASKPOOLS)} (print parameter counts) is supported")
     for group in GROUPS:
         if group not in choices:
-            raise SurgeryError(f"missing {group}=...: give mixtral_moe_upscaling or a path to a {group} YAML")
+            raise SurgeryError(f"missing {group}=...: give mixtral_moe_upscaling, depth_upscaling or a path to a {group} YAML")
     configs = {group: load_config(group, choice) for group, choice in choices.items()}
     for key, value in overrides:
         set_key(configs, key, parse_value(value))
