@@ -57,6 +57,10 @@ class FileStore(Protocol):
     def local_path(self, name: str) -> Path | None:
         """Where a file already is on this machine without fetching it; None for a remote file."""
 
+    @property
+    def key(self) -> str:
+        """Names the store among the sources of one plan (reads are ordered by it, then by file and offset)."""
+
 
 @dataclass(frozen=True)
 class LocalFiles:
@@ -73,6 +77,10 @@ class LocalFiles:
 
     def local_path(self, name: str) -> Path | None:
         return self.folder / name
+
+    @property
+    def key(self) -> str:
+        return str(self.folder)
 
 
 @dataclass

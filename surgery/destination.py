@@ -145,10 +145,11 @@ class Destination:
     exit the lock is released, and after a failure the parent folders this run made are removed again.
     """
 
-    def __init__(self, dst: str | os.PathLike, source: Checkpoint, overwrite: bool, shared: bool = False):
+    def __init__(self, dst: str | os.PathLike, sources: Iterable[Checkpoint], overwrite: bool, shared: bool = False):
         self.given = Path(dst)
         self.path = resolve_destination(dst)
-        check_apart(self.path, source.protected_paths(), source.files.roots(), self.given)
+        for source in sources:
+            check_apart(self.path, source.protected_paths(), source.files.roots(), self.given)
         self.overwrite, self.shared = overwrite, shared
         self.staging = sibling(self.path, STAGING_SUFFIX)
         self.old = sibling(self.path, OLD_SUFFIX)

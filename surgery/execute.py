@@ -52,7 +52,8 @@ def execute(
     if resume not in RESUME_MODES:
         raise SurgeryError(f"resume must be one of False, True, 'verify'; got {resume!r}")
     shards = plan_shards(plan.outputs, plan.options.max_shard_size)
-    plan.source.check_readable()
+    for source in plan.sources.values():
+        source.check_readable()
     fingerprint = _fingerprint(plan, shards)
     with interrupts_raise():
         if part is None:
@@ -81,7 +82,7 @@ def parse_part(text: str) -> tuple[int, int]:
 def _whole(plan: Plan, shards: list[Shard], dst: str | os.PathLike, overwrite: bool,
            progress: Callable[[int], None], command: str | None, resume: bool | str, fingerprint: str,
            share: bool, report: Callable[[Written], None] | None) -> Path:
-    with Destination(dst, plan.source, overwrite) as d:
+    with Destination(dst, plan.sources.values(), overwrite) as d:
         try:
             _open_staging(d, fingerprint, keep=bool(resume))
             done = _complete(shards, d.staging, verify=resume == "verify")
@@ -103,7 +104,7 @@ def _part(plan: Plan, shards: list[Shard], dst: str | os.PathLike, overwrite: bo
           report: Callable[[Written], None] | None) -> None:
     i, n = part
     mine = shards[i - 1::n]
-    with Destination(dst, plan.source, overwrite, shared=True) as d:
+    with Destination(dst, plan.sources.values(), overwrite, shared=True) as d:
         try:
             d.staging.mkdir(exist_ok=True)
             _claim(d.staging, fingerprint)
@@ -130,7 +131,7 @@ def assemble_shards(plan: Plan, shards: list[Shard], dst: str | os.PathLike, ove
                     command: str | None, fingerprint: str, required: bool) -> Path | None:
     """Finish DST from a staging folder that workers filled; None (unless `required`) when it is not complete yet."""
     try:
-        with Destination(dst, plan.source, overwrite) as d:
+        with Destination(dst, plan.sources.values(), overwrite) as d:
             if _recipe(d.staging) != fingerprint:
                 if not required:
                     return None
@@ -155,9 +156,8 @@ def assemble_shards(plan: Plan, shards: list[Shard], dst: str | os.PathLike, ove
 def _fingerprint(plan: Plan, shards: list[Shard]) -> str:
     """Identifies what a staging folder is being written for: source files, rules, options, every shard's header."""
     facts = {
-        "source": plan.source.location,
-        "revision": plan.source.revision,
-        "files": plan.source.identity(),
+        "sources": [(name, source.location, source.revision, source.identity())
+                    for name, source in plan.sources.items()],
         "rules": plan.rules.sha256,
         "options": asdict(plan.options),
         "shards": [(s.name, hashlib.sha256(s.header).hexdigest()) for s in shards],

@@ -93,6 +93,10 @@ class HubFiles:
     def local_path(self, name: str) -> Path | None:
         return None  # fetched on first use, pinned to the commit
 
+    @property
+    def key(self) -> str:
+        return f"{self.repo_id}@{self.commit}"
+
     def release(self, name: str) -> None:
         if name not in self._added:
             return

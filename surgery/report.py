@@ -39,6 +39,9 @@ def plan_summary(plan: Plan, list_tensors: bool = False) -> str:
     lines = [
         f"source:     {src.location} ({src.config.get('model_type')}, {src.num_parameters:,} parameters, "
         f"{len({t.file for t in src.tensors.values()})} file(s))" + (f" @ {src.revision}" if src.revision else ""),
+        *[f"source {name}: {other.location}" + (f" @ {other.revision}" if other.revision else "")
+          for name, other in plan.sources.items() if other is not src],
+        *[f"note:       {note}" for note in plan.notes],
         f"rules:      {plan.rules.name} ({plan.rules.path})",
         f"target:     {plan.config.get('model_type')} {', '.join(plan.config.get('architectures', []))}",
         f"recipe:     {''.join(f'{k}={v}, ' for k, v in plan.params.items())}seed {opts.seed}, "
@@ -99,6 +102,9 @@ def model_card(plan: Plan, command: str | None = None) -> str:
     recipe = {
         "source": src.location,
         "source_revision": src.revision,
+        **({"sources": {name: {"location": other.location, "revision": other.revision}
+                        for name, other in plan.sources.items() if other is not src}}
+           if len(plan.sources) > 1 else {}),
         "rules": plan.rules.name,
         "rules_sha256": plan.rules.sha256,
         "parameters": plan.params,

@@ -259,10 +259,10 @@ class _ShardFiles:
             os.close(self.open.popitem(last=False)[1])
 
 
-def read_position(tensor: OutputTensor) -> tuple[str, int]:
-    """Where a tensor's first source bytes are stored; tensors made from nothing come first."""
+def read_position(tensor: OutputTensor) -> tuple[str, str, int]:
+    """Where a tensor's first source bytes are stored (source, file, offset); tensors made from nothing come first."""
     inputs = tensor.producer.inputs
-    return (inputs[0].file, inputs[0].offset) if inputs else ("", 0)
+    return (inputs[0].store.key, inputs[0].file, inputs[0].offset) if inputs else ("", "", 0)
 
 
 def _write_tensor(tensor: OutputTensor, fd: int, offset: int, sources: Sources, path: Path) -> None:
