@@ -56,6 +56,11 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: i
         os.lseek(dst_fd, dst_offset + length, os.SEEK_SET)
 
 
+def sharing() -> bool:
+    """Whether copies may share blocks here (see `share_blocks`)."""
+    return _SHARE.get()
+
+
 def split(offset: int, dst_offset: int, length: int) -> list[tuple[int, int, int]]:
     """(source offset, destination offset, length) pieces of a copy: head, BLOCK-aligned middle, tail when source
     and destination agree modulo BLOCK and the middle holds a whole block; else the copy itself."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import dtypes
 from .checkpoint import FileStore
-from .copying import copy_range
+from .copying import BLOCK, copy_range, sharing
 from .errors import SurgeryError
 from .layout import Run, c_strides, runs
 from .values import Context, Node, Source, assemble, boxes, evaluate, flat_start
@@ -41,6 +41,23 @@ class Sources:
     def __init__(self, producers: list[Producer]):
         self._uses = Counter(key for p in producers for key in {(s.store, s.file) for s in p.inputs})
         self._fds: dict[tuple[FileStore, str], int] = {}
+        #: where source byte ranges were already copied to: (store, file, offset, length) -> (output file, offset)
+        self._copied: dict[tuple[str, str, int, int], tuple[tuple[int, int], int]] = {}
+
+    def copy(self, store: FileStore, file: str, offset: int, length: int, fd: int, dst: int) -> None:
+        """Copy a source byte range to `dst` of the output file `fd`. Where the range went into this same output
+        file before at an offset that agrees with `dst` modulo the block size, and the source does not, the earlier
+        copy is cloned instead: on reflink filesystems the later copies of a tensor (e.g. further experts) then
+        share blocks even where its first copy could not share with the source."""
+        key, target = (store.key, file, offset, length), os.fstat(fd)
+        identity = (target.st_dev, target.st_ino)
+        earlier = self._copied.get(key)
+        if (sharing() and earlier is not None and earlier[0] == identity and (earlier[1] - dst) % BLOCK == 0
+                and (offset - dst) % BLOCK):
+            copy_range(fd, fd, earlier[1], length, dst)
+            return
+        copy_range(self.fd_for(store, file), fd, offset, length, dst)
+        self._copied.setdefault(key, (identity, dst))
 
     def fd_for(self, store: FileStore, file: str) -> int:
         key = (store, file)
@@ -82,10 +99,10 @@ class Copy:
 
     def write(self, fd: int, offset: int, sources: Sources) -> None:
         for source, run in self.runs:
-            src_fd = sources.fd_for(source.store, source.info.file)
             for k in range(run.count):
                 try:
-                    copy_range(src_fd, fd, run.src + k * run.src_step, run.length, offset + run.dst + k * run.dst_step)
+                    sources.copy(source.store, source.info.file, run.src + k * run.src_step, run.length, fd,
+                                 offset + run.dst + k * run.dst_step)
                 except SurgeryError as exc:
                     raise SurgeryError(f"{source.info.file}: {exc}") from None
 

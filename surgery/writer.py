@@ -220,7 +220,7 @@ class _ShardFiles:
         path = self.temp(shard)
         self.temps.append(path)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # read too: copies may clone earlier ones
             self._keep(shard.name, fd)
             write_all(fd, shard.header)
         except OSError as exc:
@@ -231,7 +231,7 @@ class _ShardFiles:
             self.open.move_to_end(shard.name)
             return self.open[shard.name]
         try:
-            fd = os.open(self.temp(shard), os.O_WRONLY)
+            fd = os.open(self.temp(shard), os.O_RDWR)
         except OSError as exc:
             raise os_error(exc, self.temp(shard)) from None
         self._keep(shard.name, fd)
