@@ -3,7 +3,7 @@
 For each layer, the source's module and the output's module that the rule file's `numeric_check` names (the dense
 MLP and the MoE block) are built by transformers in a one-layer model of each config, loaded with that layer's
 weights only, and run in fp32 on the same random hidden states. Peak memory is about one layer; the models are
-never loaded whole. Needs torch and transformers (`pip install "surgery[verify]"`), imported only here.
+never loaded whole. Needs torch and transformers (`pip install "weight-surgery[verify]"`), imported only here.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _run(checkpoint: Checkpoint, prefix: str, layer: int, edits: dict, names: di
 def _module(checkpoint: Checkpoint, prefix: str, layer: int, edits: dict, names: dict) -> object:
     """The module at `prefix` of layer `layer`, in a one-layer model of the checkpoint's config holding that
     layer's weights (renumbered to layer 0)."""
-    torch, transformers = _libraries()
+    _, transformers = _libraries()
     config = _one_layer_config(checkpoint.config, layer, edits, names)
     architecture = (config.get("architectures") or [None])[0]
     model_class = getattr(transformers, architecture or "", None)
@@ -91,11 +91,24 @@ def _module(checkpoint: Checkpoint, prefix: str, layer: int, edits: dict, names:
     if not state:
         raise SurgeryError(f"{checkpoint.location}: no tensors under {prefix}")
     numel = sum(t.numel() for t in state.values())
-    model = model_class.from_pretrained(
-        None, config=transformers.AutoConfig.for_model(**config), state_dict=state, dtype=torch.float32
-    )
+    try:
+        model = _load(model_class, {**config, **_TINY_ATTENTION}, state)
+    except (ValueError, RuntimeError):  # a model that ties its attention shape to the hidden size
+        model = _load(model_class, config, state)
     del state
     return _find(model, local, numel).eval()
+
+
+# Attention is not run by the check: a tiny one keeps its weights out of memory where the model allows it.
+_TINY_ATTENTION = {"num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 2}
+
+
+def _load(model_class: type, config: dict, state: dict) -> object:
+    """A `model_class` of `config` holding `state` (missing weights initialised), in float32."""
+    torch, transformers = _libraries()
+    return model_class.from_pretrained(
+        None, config=transformers.AutoConfig.for_model(**config), state_dict=state, dtype=torch.float32
+    )
 
 
 def _find(model: object, path: str, numel: int) -> object:
@@ -113,12 +126,10 @@ def _find(model: object, path: str, numel: int) -> object:
 
 def _one_layer_config(config: dict, layer: int, edits: dict, names: dict) -> dict:
     """The config for one layer: lists with one entry per layer cut to this layer's, a tiny vocabulary (no
-    special token ids) and a tiny attention (it is not run: only its weights would take memory and time), and the
-    rule file's `numeric_check.config` edits for this layer."""
+    special token ids), and the rule file's `numeric_check.config` edits for this layer."""
     layers = config["num_hidden_layers"]
     out = {k: v[layer:layer + 1] if isinstance(v, list) and len(v) == layers else v for k, v in config.items()}
-    out.update(num_hidden_layers=1, vocab_size=2, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-               num_attention_heads=1, num_key_value_heads=1, head_dim=2)
+    out.update(num_hidden_layers=1, vocab_size=2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     out.update(render(edits, names, "numeric_check.config"))
     return out
 
@@ -148,7 +159,7 @@ def _libraries():
         import transformers
     except ImportError:
         raise SurgeryError(
-            'verify --numeric needs torch and transformers: pip install "surgery[verify]" '
+            'verify --numeric needs torch and transformers: pip install "weight-surgery[verify]" '
             "(for torch, the CPU build is enough)"
         ) from None
     transformers.utils.logging.set_verbosity_error()

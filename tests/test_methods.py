@@ -135,7 +135,7 @@ def test_numeric_check_without_torch_says_what_to_install(models, tmp_path):
               f"main(['verify', {str(src)!r}, {str(out)!r}, '-r', 'mistral-to-mixtral', '-e', '2', '-k', '1', "
               "'--numeric', '-q'])")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 1 and 'pip install "surgery[verify]"' in result.stderr
+    assert result.returncode == 1 and 'pip install "weight-surgery[verify]"' in result.stderr
 
 
 # ----------------------------------------------------------------------------------------------- bad input

@@ -70,12 +70,11 @@ def test_fused_and_per_expert_sources_give_the_same_dense_model(tmp_path):
                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64, num_local_experts=4)
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(config)
-    try:
-        model.save_pretrained(tmp_path / "fused", save_original_format=False)
-    except TypeError:
+    model.save_pretrained(tmp_path / "fused", save_original_format=False)  # transformers 4 ignores the flag
+    if "model.layers.0.mlp.experts.gate_up_proj" not in tensors(tmp_path / "fused"):
+        assert int(transformers.__version__.split(".")[0]) < 5, "transformers 5 saves the fused layout"
         pytest.skip("this transformers cannot save the fused layout")
     model.save_pretrained(tmp_path / "per-expert")
-    assert "model.layers.0.mlp.experts.gate_up_proj" in tensors(tmp_path / "fused")
     for mode in ({"mode": "mean"}, {"mode": "expert", "expert": 3}):
         a = surgery.upcycle(tmp_path / "fused", tmp_path / f"a-{mode['mode']}", "mixtral-to-mistral", progress=False, **mode)
         b = surgery.upcycle(tmp_path / "per-expert", tmp_path / f"b-{mode['mode']}", "mixtral-to-mistral", progress=False,
