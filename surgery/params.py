@@ -150,7 +150,9 @@ def _range_part(name: str, part: str, within: int) -> list[int]:
     except ValueError:
         raise SurgeryError(f"{name}: {part!r} is not an index or a range a:b[:step]") from None
     start, stop, step = 0 if start is None else start, within if stop is None else stop, 1 if step is None else step
-    if start < 0 or stop > within or step < 1:
+    if step < 1:
+        raise SurgeryError(f"{name}: range {part!r} has step {step}; ranges count up, with a step of 1 or more")
+    if start < 0 or stop > within:
         raise SurgeryError(f"{name}: range {part!r} goes outside 0:{within} (nothing is clipped)")
     if start >= stop:
         raise SurgeryError(f"{name}: range {part!r} is empty")

@@ -133,6 +133,8 @@ def make_plan(source: Checkpoint, rules: RuleFile | str | Path, options: Options
         rules = load_rules(rules)
     _check_source(source, rules)
     named = {BASE: source, **(sources or {})}
+    if BASE in (sources or {}):
+        raise SurgeryError(f"a further source cannot be named {BASE!r}: that is SRC's name")
     notes = _check_sources(named)
     config_names = {**source.config, "config": source.config}  # `'field' in config` tests for an optional field
     values = resolve(rules.parameters, params or {}, config_names, rules.path, rules.refuses)

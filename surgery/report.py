@@ -96,6 +96,14 @@ def byte_split(plan: Plan) -> tuple[int, int]:
     return copied + unchanged, sum(s.computed for s in plan.stats.values())
 
 
+def _tags(plan: Plan) -> list[str]:
+    """`moe` where the rule file routes tokens to experts (an index with `active`), `upcycled` where it also
+    changes the model type (a dense model made MoE), and `surgery`."""
+    moe = any(index.active is not None for index in plan.rules.indices.values())
+    upcycled = moe and plan.config.get("model_type") != plan.source.config.get("model_type")
+    return [*(["moe"] if moe else []), *(["upcycled"] if upcycled else []), "surgery"]
+
+
 def model_card(plan: Plan, command: str | None = None) -> str:
     """README.md for the output folder: the recipe, so the result can be reproduced."""
     src, opts = plan.source, plan.options
@@ -114,7 +122,7 @@ def model_card(plan: Plan, command: str | None = None) -> str:
     }
     lines = [
         "---",
-        "tags: [moe, upcycled, surgery]",
+        f"tags: [{', '.join(_tags(plan))}]",
         *([f"base_model: {src.location}"] if src.revision else []),  # a Hub source: link the model back to it
         "---",
         f"# {plan.config.get('model_type')} made from {src.location}",

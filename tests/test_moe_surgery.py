@@ -62,6 +62,8 @@ def test_upcycle_then_mean_gives_back_the_source(dense, tmp_path, kind, up, down
     back = surgery.upcycle(moe, tmp_path / "back", down, progress=False)
     assert same_bytes(tensors(src), tensors(back))
     assert json.loads((back / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+    assert "tags: [moe, upcycled, surgery]" in (moe / "README.md").read_text()
+    assert "tags: [surgery]" in (back / "README.md").read_text()  # the result is dense again
 
 
 def test_fused_and_per_expert_sources_give_the_same_dense_model(tmp_path):
@@ -171,6 +173,9 @@ def test_the_fusion_bench_depth_upscaling_config_gives_the_same_bytes(dense, tmp
                  f"method.model_save_path={tmp_path / 'fb'}", "taskpool=dummy")
     assert result.exit_code == 0, result.output
     assert same_bytes(tensors(direct), tensors(tmp_path / "fb"))
+    again = run("fusion-bench", "method=depth_upscaling", "modelpool=depth_upscaling", f"modelpool.models.0.path={src}",
+                "method.layer_indices=[0]", f"method.model_save_path={tmp_path / 'fb'}")
+    assert_one_line_error(again, "method.model_save_path", "is not an empty folder")
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -190,7 +195,7 @@ def test_bad_moe_surgery_is_one_line(tmp_path, rules, args, message):
 
 
 @pytest.mark.parametrize("layers,message", [
-    ("0:5", "goes outside 0:4"), ("2:2", "is empty"), ("4", "4 is not from 0 to 3"), ("a:b", "not an index or a range"),
+    ("0:5", "goes outside 0:4"), ("3:0:-1", "step -1"), ("2:2", "is empty"), ("4", "4 is not from 0 to 3"), ("a:b", "not an index or a range"),
 ])
 def test_bad_layer_ranges_are_one_line(dense, tmp_path, layers, message):
     assert_one_line_error(run("apply", dense["llama"], tmp_path / "out", "-r", "depth-upscale", "-p", f"layers={layers}",

@@ -107,3 +107,8 @@ def test_every_source_is_protected_from_the_output(finetunes, tmp_path):
     args = ["-r", rules(tmp_path), "--source", f"a={finetunes['a']}", "--source", f"b={finetunes['b']}", "-q"]
     assert_one_line_error(run("upcycle", finetunes["base"], finetunes["b"], *args, "--overwrite"), "source",
                           str(finetunes["b"]))
+
+
+def test_a_further_source_cannot_take_the_base_name(finetunes, tmp_path):
+    assert_one_line_error(run("plan", finetunes["base"], "-r", rules(tmp_path), "--source", f"base={finetunes['a']}"),
+                          "cannot be named 'base'")

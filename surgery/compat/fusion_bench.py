@@ -236,11 +236,11 @@ def check_keys(config: Mapping[str, Any], allowed: Sequence[str], where: str) ->
             raise SurgeryError(f"{where}.{key}: unknown key (allowed: {', '.join(allowed)})")
 
 
-def check_save_checkpoint(path: str | os.PathLike) -> None:
-    """Fail before any work if `save_checkpoint` is a file or a non-empty folder."""
+def check_save_checkpoint(path: str | os.PathLike, key: str = "save_checkpoint") -> None:
+    """Fail before any work if the save path (`key`) is a file or a non-empty folder."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise SurgeryError(f"save_checkpoint {path}: exists and is not an empty folder; choose a new folder")
+        raise SurgeryError(f"{key} {path}: exists and is not an empty folder; choose a new folder")
 
 
 def mixtral_rules(source: Checkpoint) -> RuleFile:

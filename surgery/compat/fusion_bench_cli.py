@@ -75,7 +75,7 @@ def run_job(arguments: tuple[str, ...]) -> None:
         click.echo(f"{save_key} is null: planned only, nothing written (set {save_key}=DIR to write the model)",
                    err=True)
     else:
-        check_save_checkpoint(save_checkpoint)
+        check_save_checkpoint(save_checkpoint, save_key)
         out = upcycle(source, save_checkpoint, rules, command=shlex.join(["surgery", *sys.argv[1:]]), **params)
         total = open_source(out).num_parameters
         click.echo(f"wrote {out} with rule file {rules.name}")
