@@ -3,6 +3,7 @@ the `surgery upcycle` command line, planned sizes, scratch folders, machine fact
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -34,9 +35,18 @@ RECIPES = {
     "drop0.5": ["--rules", "mistral-to-mixtral", "-e", "4", "-k", "2", "--drop-ratio", "0.5"],
     "moe-expert": ["--rules", "mixtral-to-mistral", "-p", "mode=expert", "-p", "expert=3"],
     "moe-mean": ["--rules", "mixtral-to-mistral", "-p", "mode=mean"],
+    # the newer families, on Qwen3-8B shapes (parameters as -p, which planned_sizes reads too)
+    "qwen3.5": ["--rules", "qwen3-5-to-qwen3-5-moe", "-e", "4", "-k", "2"],
+    "granite": ["--rules", "granite-to-granitemoeshared", "-e", "4", "-k", "2"],
+    "ernie4.5": ["--rules", "ernie4-5-to-ernie4-5-moe", "-e", "4", "-k", "2", "-p", "shared_experts=1"],
+    "hunyuan": ["--rules", "hunyuan-v1-dense-to-hunyuan-v1-moe", "-e", "4", "-k", "2"],
+    "cohere2": ["--rules", "cohere2-to-cohere2-moe", "-e", "4", "-k", "2"],
+    "flexolmo": ["--rules", "olmo2-to-flex-olmo", "-e", "4", "-k", "2", "-p", "layout=fused"],
 }
 #: the synthetic source each recipe reads (default: mistral-7b)
-RECIPE_SOURCE = {"moe-expert": "mixtral-8x7b", "moe-mean": "mixtral-8x7b"}
+RECIPE_SOURCE = {"moe-expert": "mixtral-8x7b", "moe-mean": "mixtral-8x7b", "qwen3.5": "qwen3_5-8b",
+                 "granite": "granite-8b", "ernie4.5": "ernie4_5-8b", "hunyuan": "hunyuan_v1_dense-8b",
+                 "cohere2": "cohere2-8b", "flexolmo": "olmo2-8b"}
 RECIPE_TEXT = {
     "copy": "mistral-to-mixtral, 4 experts, top-2",
     "scaled": "mistral-to-mixtral, 4 experts, top-2, every expert's down_proj scaled by 0.5 (benchmarks/rules/scaled-experts.yaml)",
@@ -47,6 +57,12 @@ RECIPE_TEXT = {
                "neurons re-drawn)",
     "moe-expert": "mixtral-to-mistral mode=expert (Mixtral-8x7B shapes -> one expert's MLP: byte copies)",
     "moe-mean": "mixtral-to-mistral mode=mean (Mixtral-8x7B shapes -> the 8 experts' mean, computed)",
+    "qwen3.5": "qwen3-5-to-qwen3-5-moe, 4 experts, top-2, one shared expert (Qwen3-8B shapes; shared down_proj x 2)",
+    "granite": "granite-to-granitemoeshared, 4 experts, top-2, one shared MLP (Qwen3-8B shapes; fused input_linear)",
+    "ernie4.5": "ernie4-5-to-ernie4-5-moe, 4 experts, top-2, one shared expert (Qwen3-8B shapes; fp32 routers)",
+    "hunyuan": "hunyuan-v1-dense-to-hunyuan-v1-moe, 4 experts, top-2, its shared MLP (Qwen3-8B shapes; fp32 routers)",
+    "cohere2": "cohere2-to-cohere2-moe, 4 experts, top-2 (Qwen3-8B shapes)",
+    "flexolmo": "olmo2-to-flex-olmo, 4 experts, top-2, --layout fused (Qwen3-8B shapes; stacked experts)",
 }
 
 
@@ -84,8 +100,9 @@ def surgery_command() -> list[str]:
 
 
 def upcycle_command(src: Path, dst: Path, extra: Sequence[str] = (), recipe: str = "copy") -> list[str]:
-    """`surgery upcycle SRC DST` with one of the RECIPES, no progress bar."""
-    return [*surgery_command(), "upcycle", str(src), str(dst), *RECIPES[recipe], "--quiet", *extra]
+    """`surgery upcycle SRC DST` with one of the RECIPES, no progress bar, no check afterwards (it imports torch and
+    transformers, whose memory is not the upcycle's)."""
+    return [*surgery_command(), "upcycle", str(src), str(dst), *RECIPES[recipe], "--quiet", "--no-check", *extra]
 
 
 #: Runs argv[2:] with output to the file argv[1]; prints the child's pid, then its exit code, rusage and wall time.
@@ -282,3 +299,9 @@ def layer_list(text: str) -> list[int]:
 def stats_dict(stats: RunStats) -> dict:
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(stats).items()}
 
+
+def place_arguments(parser: argparse.ArgumentParser, workdir_help: str = "scratch space") -> None:
+    """The --out (results folder) and --workdir (scratch space) options every benchmark takes."""
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default: {RESULTS})")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                        help=f"{workdir_help}; a temp folder inside is always removed (default: {DEFAULT_WORKDIR})")

@@ -23,8 +23,8 @@ if __package__ in (None, ""):  # run as `python benchmarks/memory.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
-    DEFAULT_WORKDIR, RECIPE_TEXT, RECIPES, RESULTS, dir_bytes, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line,
-    planned_sizes, run_measured, scratch, stats_dict, upcycle_command, write_results, source_arch,
+    RECIPES, RECIPE_TEXT, dir_bytes, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line,
+    place_arguments, planned_sizes, run_measured, scratch, source_arch, stats_dict, upcycle_command, write_results,
 )
 from benchmarks.synthetic import write_synthetic
 
@@ -184,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="copy: identical experts; scaled: every expert's down_proj scaled; fp32: all cast")
     parser.add_argument("--name", default="memory", help="results file name (default: memory)")
     parser.add_argument("--check", action="store_true", help="exit 1 if a budget is exceeded (the CI gate)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default: {RESULTS})")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                        help=f"scratch space; a temp folder inside is always removed (default: {DEFAULT_WORKDIR})")
+    place_arguments(parser)
     parser.add_argument("--no-plot", action="store_true", help="skip memory.png (no matplotlib needed)")
     parser.add_argument("--replot", action="store_true", help="only redraw memory.md and memory.png from memory.json in --out")
     args = parser.parse_args(argv)

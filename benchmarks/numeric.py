@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/numeric.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
-    DEFAULT_WORKDIR, RECIPES, RESULTS, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line, planned_sizes,
+    RECIPES, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line, place_arguments, planned_sizes,
     run_measured, scratch, stats_dict, surgery_command, upcycle_command, write_results,
 )
 from benchmarks.synthetic import write_synthetic
@@ -69,8 +69,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m benchmarks.numeric")
     parser.add_argument("--layers", type=layer_list, default=[4, 32], help="depths, e.g. 4,32 (default: 4,32)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default: {RESULTS})")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="scratch space (always cleaned up)")
+    place_arguments(parser)
     args = parser.parse_args(argv)
     exit_on_sigterm()
     command = "python -m benchmarks.numeric " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/reflink.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
-    DEFAULT_WORKDIR, RECIPE_TEXT, RESULTS, drop_caches, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line,
+    RECIPE_TEXT, drop_caches, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line, place_arguments,
     planned_sizes, run_measured, scratch, upcycle_command, write_results,
 )
 from benchmarks.synthetic import write_synthetic
@@ -224,9 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fs", default="xfs,btrfs", help="filesystems, of xfs and btrfs (default: xfs,btrfs)")
     parser.add_argument("--repeats", type=int, default=3, help="cp/upcycle pairs per row (default: 3)")
     parser.add_argument("--warm", action="store_true", help="do not drop the page cache before each run (only sync)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default: {RESULTS})")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                        help=f"where the images go; a temp folder inside is always removed (default: {DEFAULT_WORKDIR})")
+    place_arguments(parser, "where the images go")
     args = parser.parse_args(argv)
     exit_on_sigterm()
     kinds = [k.strip() for k in args.fs.split(",") if k.strip()]

@@ -84,6 +84,21 @@ ARCHITECTURES: dict[str, dict] = {
         bos_token_id=128000,
         eos_token_id=128001,
     ),
+    # Qwen3-8B's shapes (hidden 4096, intermediate 12288, vocab 151936, 32/8 heads) under each newer family's
+    # model_type and config fields, for the rule files of those families: the MLPs they read are real-sized, the
+    # other tensors keep the Llama names of tensor_shapes (they are only copied).
+    **{f"{family}-8b": dict(_COMMON, intermediate_size=12288, vocab_size=151936, max_position_embeddings=40960,
+                            rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151645, **fields)
+       for family, fields in {
+           "qwen3_5": dict(model_type="qwen3_5_text", architectures=["Qwen3_5ForCausalLM"]),
+           "granite": dict(model_type="granite", architectures=["GraniteForCausalLM"], mlp_bias=False,
+                           embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
+                           logits_scaling=16.0),
+           "ernie4_5": dict(model_type="ernie4_5", architectures=["Ernie4_5ForCausalLM"], use_bias=False),
+           "hunyuan_v1_dense": dict(model_type="hunyuan_v1_dense", architectures=["HunYuanDenseV1ForCausalLM"]),
+           "cohere2": dict(model_type="cohere2", architectures=["Cohere2ForCausalLM"], sliding_window=4096),
+           "olmo2": dict(model_type="olmo2", architectures=["Olmo2ForCausalLM"]),
+       }.items()},
 }
 
 _TOKENIZERS = {
@@ -93,6 +108,8 @@ _TOKENIZERS = {
                     add_bos_token=True, add_eos_token=False, legacy=True),
     "llama": dict(tokenizer_class="PreTrainedTokenizerFast", bos_token="<|begin_of_text|>",
                   eos_token="<|end_of_text|>", model_input_names=["input_ids", "attention_mask"]),
+    **dict.fromkeys(("qwen3_5_text", "granite", "ernie4_5", "hunyuan_v1_dense", "cohere2", "olmo2"),
+                    dict(tokenizer_class="PreTrainedTokenizerFast", eos_token="<|endoftext|>")),
 }
 
 
@@ -107,7 +124,7 @@ def make_config(arch: str = "mistral-7b", layers: int = 32, overrides: dict | No
 
 def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     """Every weight of the dense model in transformers' order: (name, shape)."""
-    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
     q_rows = config["num_attention_heads"] * config["head_dim"]
     kv_rows = config["num_key_value_heads"] * config["head_dim"]
     shapes = [("model.embed_tokens.weight", (vocab, hidden))]

@@ -25,8 +25,8 @@ if __package__ in (None, ""):  # run as `python benchmarks/throughput.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
-    DEFAULT_WORKDIR, RECIPE_TEXT, RECIPES, RESULTS, dir_bytes, drop_caches, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line,
-    planned_sizes, run_measured, scratch, upcycle_command, write_results, source_arch,
+    RECIPES, RECIPE_TEXT, dir_bytes, drop_caches, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line,
+    place_arguments, planned_sizes, run_measured, scratch, source_arch, upcycle_command, write_results,
 )
 from benchmarks.synthetic import write_synthetic
 
@@ -139,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="copy: identical experts; scaled: every expert's down_proj scaled; fp32: all cast")
     parser.add_argument("--name", default="throughput", help="results file name (default: throughput)")
     parser.add_argument("--warm", action="store_true", help="do not drop the page cache before each run (only sync)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default: {RESULTS})")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                        help=f"scratch space; a temp folder inside is always removed (default: {DEFAULT_WORKDIR})")
+    place_arguments(parser)
     args = parser.parse_args(argv)
     exit_on_sigterm()
 

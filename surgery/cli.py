@@ -1,4 +1,4 @@
-"""The `surgery` command line: upcycle, plan, inspect, verify, rules and demo."""
+"""The `surgery` command line: upcycle, plan, inspect, verify, check, convert, rules and demo."""
 
 from __future__ import annotations
 
@@ -199,13 +199,16 @@ def upcycle(src: str, dst: Path, rules: str, overwrite: bool, quiet: bool, evict
     checked as `surgery check` does.
     """
     from .api import upcycle as run
+    from .hub import check_push, push
 
     if private and not push_to_hub:
         raise click.UsageError("--private only applies with --push-to-hub")
+    if push_to_hub:
+        check_push(push_to_hub)  # before any work; the upload itself waits for the check below
     written: list = []  # what execute reports: bytes of shards written, and how many share blocks with the source
     out = run(src, dst, rules, overwrite=overwrite, progress=not quiet,
               command=shlex.join(["surgery", *sys.argv[1:]]), evict_source=evict_source,
-              push_to_hub=push_to_hub, private=private or None, resume={"check": True}.get(resume, resume or False),
+              resume={"check": True}.get(resume, resume or False),
               shards=part, share=not no_share, report=written.append, **_recipe(kwargs))
     if out is None:
         click.echo(f"wrote worker {part}'s shards; the worker that completes the set assembles {dst} "
@@ -213,6 +216,8 @@ def upcycle(src: str, dst: Path, rules: str, overwrite: bool, quiet: bool, evict
         click.echo(written[0].describe(), err=True)
         return
     checked = None if no_check else check_written(out)
+    if push_to_hub:
+        push(out, push_to_hub, private or None)
     click.echo(f"wrote {out}")
     if checked:
         click.echo(checked, err=True)
@@ -366,6 +371,83 @@ def _verify_numeric(the_plan, dst: str, quiet: bool, as_json: bool) -> None:
                f"the source's function (to {TOLERANCE:g})")
 
 
+@main.command()
+@click.argument("path")
+@json_option
+@friendly_errors
+def check(path: str, as_json: bool) -> None:
+    """Check that transformers would load the checkpoint at PATH as the model class its config names.
+
+    From headers and config.json alone: the class named in `architectures` is built on the meta device and offered
+    every tensor's name, shape and dtype, through transformers' own checkpoint key conversion (per-expert keys
+    merged into fused experts in transformers 5). Each missing, unexpected or mis-shaped tensor, and each integer
+    tensor where the model holds floats, is a line naming it; any of them fails the check. PATH is a checkpoint
+    folder, a .safetensors file or a Hub repo id. Needs torch and transformers: the installed versions are the
+    ones checked against. `upcycle`, `apply` and `convert` run this check on what they write (--no-check skips it).
+    """
+    from .api import open_source
+    from .consumer import check_consumer
+
+    result = check_consumer(open_source(path))
+    if as_json:
+        echo_json(result.document())
+    else:
+        for problem in result.problems:
+            click.echo(problem.line())
+        if result.ok:
+            click.echo(f"ok: {result.summary()}")
+    if not result.ok:
+        raise SurgeryError(result.summary())
+
+
+#: the built-in rule files that re-lay out experts, named FAMILY-layout
+LAYOUT_SUFFIX = "-layout"
+
+
+def layout_rules(model_type: object) -> str:
+    """The built-in layout rule file that accepts `model_type`."""
+    from .rules import builtin_rule_names, load_rules
+
+    found = {name: load_rules(name).source_model_types for name in builtin_rule_names() if name.endswith(LAYOUT_SUFFIX)}
+    for name, model_types in found.items():
+        if model_type in model_types:
+            return name
+    known = ", ".join(sorted(t for types in found.values() for t in types))
+    raise SurgeryError(f"no built-in layout rule file reads {model_type!r} checkpoints (they read {known}); "
+                       "Granite-MoE's Hub layout is already fused")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--layout", required=True, type=click.Choice(["per-expert", "fused"]),
+              help="per-expert: one tensor per expert and projection (the Hub's; vLLM, SGLang, transformers 4 and 5); "
+                   "fused: mlp.experts.gate_up_proj [E, 2I, H] and down_proj [E, H, I] (transformers 5).")
+@click.option("--max-shard-size", default="5GB", show_default=True, callback=_size_option,
+              help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it is a non-empty folder (only once the new output is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@no_check_option
+@friendly_errors
+def convert(src: str, dst: Path, layout: str, max_shard_size: int, overwrite: bool, quiet: bool, no_check: bool) -> None:
+    """Write the MoE checkpoint SRC to DST with its experts in another layout, by byte copies.
+
+    The rule file is the built-in FAMILY-layout file that reads SRC's model_type (`surgery rules` lists them:
+    mixtral-layout, qwen2-moe-layout); experts already in the asked layout, and every other tensor, are copied
+    unchanged, and so is the config. Then, unless --no-check, DST is checked as `surgery check` does.
+    """
+    from .api import open_source, upcycle as run
+
+    source = open_source(src, progress=not quiet)
+    rules = layout_rules(source.config.get("model_type"))
+    out = run(source, dst, rules, overwrite=overwrite, progress=not quiet, layout=layout,
+              max_shard_size=max_shard_size, command=shlex.join(["surgery", *sys.argv[1:]]))
+    checked = None if no_check else check_written(out)
+    click.echo(f"wrote {out} ({rules}, layout={layout})")
+    if checked:
+        click.echo(checked, err=True)
+
+
 @main.command(name="rules")
 @click.argument("name", required=False)
 @json_option
@@ -423,3 +505,6 @@ def demo(dst: Path, overwrite: bool) -> None:
 from .compat.fusion_bench_cli import fusion_bench_command  # noqa: E402  (it imports friendly_errors from here)
 
 main.add_command(fusion_bench_command, name="fusion-bench")
+from .compat.mergekit import mergekit_moe_command  # noqa: E402  (it imports from here when it runs)
+
+main.add_command(mergekit_moe_command, name="mergekit-moe")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import SurgeryError
 from .expressions import render
+from .extras import torch_and_transformers
 from .plan import Plan, fill
 from .rules import compile_pattern
 
@@ -153,15 +154,5 @@ def _first(result: object) -> object:
     return result[0] if isinstance(result, tuple) else result
 
 
-def _libraries():
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        raise SurgeryError(
-            'verify --numeric needs torch and transformers: pip install "weight-surgery[verify]" '
-            "(for torch, the CPU build is enough)"
-        ) from None
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    return torch, transformers
+def _libraries() -> tuple[object, object]:
+    return torch_and_transformers("verify --numeric")

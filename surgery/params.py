@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .errors import SurgeryError
 from .expressions import evaluate, parse
 
-TYPES = ("int", "float", "bool", "str", "ints", "ranges")
+TYPES = ("int", "float", "bool", "str", "ints", "floats", "ranges")
 #: names of the write options, which every rule file has: not parameter names
 RESERVED = ("seed", "dtype", "max_shard_size")
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
@@ -61,8 +61,8 @@ def parse_declaration(name: str, spec: object, fail, path: str) -> Parameter:
         raise fail(f"{where}.choices", "a list of strings, for a str parameter")
     for bound in ("min", "max"):
         if bound in spec:
-            if kind not in ("int", "float", "ints"):
-                raise fail(f"{where}.{bound}", "bounds apply to int, float and ints parameters")
+            if kind not in ("int", "float", "ints", "floats"):
+                raise fail(f"{where}.{bound}", "bounds apply to int, float, ints and floats parameters")
             if isinstance(spec[bound], str):
                 parse(spec[bound], f"{path}: {where}.{bound}")
             elif not _is_number(spec[bound]):
@@ -179,6 +179,9 @@ def convert(parameter: Parameter, value: object) -> object:
             return value
         if kind == "ints" and isinstance(value, (list, tuple)) and all(_is_int(v) for v in value):
             return list(value)
+        if kind == "floats" and isinstance(value, (list, tuple)) and all(
+                _is_number(v) and math.isfinite(v) for v in value):
+            return [float(v) for v in value]
     except ValueError as exc:
         raise SurgeryError(f"{name}: {exc}, got {value!r}") from None
     raise SurgeryError(f"{name}: expected {_KIND_TEXT[kind]}, got {value!r}")
@@ -196,6 +199,8 @@ def _from_text(kind: str, text: str) -> object:
         raise ValueError("expected true or false")
     if kind == "ints":
         return [int(part) for part in text.split(",") if part.strip()]
+    if kind == "floats":
+        return [float(part) for part in text.split(",") if part.strip()]
     return text
 
 
@@ -238,5 +243,6 @@ def _is_number(value: object) -> bool:
 _KIND_TEXT = {
     "int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a text",
     "ints": "a comma-separated list of integers",
+    "floats": "a comma-separated list of finite numbers",
     "ranges": "indices and ranges such as 0:24,8:32 or 1:32:2",
 }

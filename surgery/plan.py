@@ -127,18 +127,21 @@ def make_plan(source: Checkpoint, rules: RuleFile | str | Path, options: Options
     """Apply `rules` with `params` to `source`'s headers; raise SurgeryError for anything that does not fit.
 
     `sources` are further checkpoints of the same architecture and shapes, by name, that a rule file's values
-    read with `{tensor: NAME, source: SOURCE}`; `source` itself is named `base`.
+    read with `{tensor: NAME, source: SOURCE}`; `source` itself is named `base`. Those the rule file declares
+    auxiliary are read by name only: not checked against the base, and not in the `sources` name.
     """
     if not isinstance(rules, RuleFile):
         rules = load_rules(rules)
     _check_source(source, rules)
-    named = {BASE: source, **(sources or {})}
     if BASE in (sources or {}):
         raise SurgeryError(f"a further source cannot be named {BASE!r}: that is SRC's name")
-    notes = _check_sources(named)
+    named = {BASE: source, **(sources or {})}
+    notes = _check_sources(named, rules)
     config_names = {**source.config, "config": source.config}  # `'field' in config` tests for an optional field
     values = resolve(rules.parameters, params or {}, config_names, rules.path, rules.refuses)
-    names = {**config_names, **values, "seed": options.seed, "sources": list(named)}
+    names = {**config_names, **values, "seed": options.seed,
+             "sources": [name for name in named if name not in rules.auxiliary],
+             "configs": {name: checkpoint.config for name, checkpoint in named.items()}}
     for name, expression in rules.let.items():
         names[name] = evaluate(expression, names, f"{rules.path}: let.{name}")
     for that, otherwise in rules.require:
@@ -151,14 +154,21 @@ def make_plan(source: Checkpoint, rules: RuleFile | str | Path, options: Options
     return Plan(source, rules, options, values, tensors, config, planner.stats, _exactness(rules, names), named, notes)
 
 
-def _check_sources(named: Mapping[str, Checkpoint]) -> list[str]:
-    """Every source must be the base's architecture with the same tensors (names, shapes, dtypes); returns notes
-    on side files (tokenizer, ...) that differ, for which the base's are used."""
+def _check_sources(named: Mapping[str, Checkpoint], rules: RuleFile) -> list[str]:
+    """Every source must be the base's architecture with the same tensors (names, shapes, dtypes), and an
+    auxiliary one of a model_type its declaration accepts; returns notes on side files (tokenizer, ...) that
+    differ, for which the base's are used."""
     base, notes = named[BASE], []
     for name, other in named.items():
+        where = f"source {name} ({other.location})"
+        if name in rules.auxiliary:
+            accepted = rules.auxiliary[name].model_types
+            if accepted and other.config.get("model_type") not in accepted:
+                raise SurgeryError(f"{where} is a {other.config.get('model_type')!r} model, but rule file "
+                                   f"{rules.name} reads source {name} from {', '.join(accepted)} models")
+            continue
         if other is base:
             continue
-        where = f"source {name} ({other.location})"
         if other.config.get("model_type") != base.config.get("model_type"):
             raise SurgeryError(f"{where} is a {other.config.get('model_type')!r} model, the base a "
                                f"{base.config.get('model_type')!r}: sources must share one architecture")
@@ -496,6 +506,9 @@ class _Builder:
         name = fill(spec.args["name"], names, f"{path}: {spec.where}")
         source = fill(spec.args.get("source", BASE), names, f"{path}: {spec.where}.source")
         checkpoint = self.planner.sources.get(source)
+        auxiliary = self.planner.rules.auxiliary.get(source)
+        if checkpoint is None and auxiliary is not None:
+            raise self.fail(spec, f"needs source {source}: give it with --source {source}=PATH ({auxiliary.help})")
         if checkpoint is None:
             raise self.fail(spec, f"no source named {source!r} (the sources: {', '.join(self.planner.sources)})")
         info = checkpoint.tensors.get(name)
@@ -564,7 +577,7 @@ class _Builder:
         return Take(child, d, indices=tuple(j // times for j in range(child.shape[d] * times)))
 
     def _concat(self, spec: Spec, names: dict) -> Node:
-        parts = self.children(spec, names)
+        parts = self.over(spec, names) if "over" in spec.args else self.children(spec, names)
         d = self.dim(spec, parts[0], names)
         for part in parts[1:]:
             _same(self, spec, parts[0], part, skip=d)

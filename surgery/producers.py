@@ -23,6 +23,8 @@ from .values import Context, Node, Source, assemble, boxes, evaluate, flat_start
 
 #: a layout whose runs average fewer bytes than this is gathered in memory rather than copied run by run
 MIN_COPY_RUN = 1024
+#: a copied range shorter than this is never cloned from an earlier copy of it (too few blocks to be worth noting)
+CLONE_MIN = 16 * BLOCK
 
 
 @dataclass(frozen=True)
@@ -41,23 +43,29 @@ class Sources:
     def __init__(self, producers: list[Producer]):
         self._uses = Counter(key for p in producers for key in {(s.store, s.file) for s in p.inputs})
         self._fds: dict[tuple[FileStore, str], int] = {}
-        #: where source byte ranges were already copied to: (store, file, offset, length) -> (output file, offset)
-        self._copied: dict[tuple[str, str, int, int], tuple[tuple[int, int], int]] = {}
+        #: per open source file, where its byte ranges that could not share blocks with it were copied to:
+        #: (offset, length) -> (output file's (device, inode), offset there)
+        self._copied: dict[tuple[FileStore, str], dict[tuple[int, int], tuple[tuple[int, int], int]]] = {}
 
     def copy(self, store: FileStore, file: str, offset: int, length: int, fd: int, dst: int) -> None:
         """Copy a source byte range to `dst` of the output file `fd`. Where the range went into this same output
         file before at an offset that agrees with `dst` modulo the block size, and the source does not, the earlier
         copy is cloned instead: on reflink filesystems the later copies of a tensor (e.g. further experts) then
-        share blocks even where its first copy could not share with the source."""
-        key, target = (store.key, file, offset, length), os.fstat(fd)
+        share blocks even where its first copy could not share with the source. Only ranges of CLONE_MIN bytes or
+        more are remembered, until their source file is closed: a column slice's many short rows are not."""
+        unaligned = (offset - dst) % BLOCK != 0
+        if not (sharing() and unaligned and length >= CLONE_MIN):
+            copy_range(self.fd_for(store, file), fd, offset, length, dst)
+            return
+        target = os.fstat(fd)
         identity = (target.st_dev, target.st_ino)
-        earlier = self._copied.get(key)
-        if (sharing() and earlier is not None and earlier[0] == identity and (earlier[1] - dst) % BLOCK == 0
-                and (offset - dst) % BLOCK):
+        copied = self._copied.setdefault((store, file), {})
+        earlier = copied.get((offset, length))
+        if earlier is not None and earlier[0] == identity and (earlier[1] - dst) % BLOCK == 0:
             copy_range(fd, fd, earlier[1], length, dst)
             return
         copy_range(self.fd_for(store, file), fd, offset, length, dst)
-        self._copied.setdefault(key, (identity, dst))
+        copied.setdefault((offset, length), (identity, dst))
 
     def fd_for(self, store: FileStore, file: str) -> int:
         key = (store, file)
@@ -81,6 +89,7 @@ class Sources:
             self._close(key)
 
     def _close(self, key: tuple[FileStore, str]) -> None:
+        self._copied.pop(key, None)
         fd = self._fds.pop(key, None)
         if fd is not None:
             os.close(fd)

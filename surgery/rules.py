@@ -99,6 +99,16 @@ class NumericCheck:
 
 
 @dataclass(frozen=True)
+class Auxiliary:
+    """A further checkpoint a rule file reads tensors from by name, which need not be the base's architecture (new
+    router rows, the MLP of a dense model): not checked against the base, and not among `sources`."""
+
+    name: str
+    help: str
+    model_types: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RuleFile:
     name: str
     description: str
@@ -106,6 +116,7 @@ class RuleFile:
     sha256: str
     source_model_types: tuple[str, ...]
     forbid: dict = field(default_factory=dict)
+    auxiliary: dict[str, Auxiliary] = field(default_factory=dict)
     target: dict = field(default_factory=dict)
     parameters: dict[str, Parameter] = field(default_factory=dict)
     indices: dict[str, Index] = field(default_factory=dict)
@@ -179,7 +190,7 @@ def parse_rules(doc: object, path: str, sha256: str = "") -> RuleFile:
     top = r.mapping(doc, "", required=("name", "source", "target", "tensors"),
                     optional=("description", "parameters", "let", "indices", "config", "drop", "exact", "require",
                               "refuses", "numeric_check"))
-    source = r.mapping(top["source"], "source", required=("model_type",), optional=("forbid",))
+    source = r.mapping(top["source"], "source", required=("model_type",), optional=("forbid", "auxiliary"))
     target = r.mapping(top["target"], "target", required=("model_type",), optional=("architectures",))
     parameters = {
         name: parse_declaration(str(name), spec, r.fail, path)
@@ -198,6 +209,8 @@ def parse_rules(doc: object, path: str, sha256: str = "") -> RuleFile:
         sha256=sha256,
         source_model_types=tuple(r.strings(source["model_type"], "source.model_type")),
         forbid=r.mapping(source.get("forbid", {}), "source.forbid"),
+        auxiliary={str(name): _auxiliary(r, str(name), spec)
+                   for name, spec in r.mapping(source.get("auxiliary", {}), "source.auxiliary").items()},
         target={"model_type": r.typed(target["model_type"], "target.model_type", str),
                 "architectures": r.strings(target.get("architectures", []), "target.architectures")},
         parameters=parameters,
@@ -314,6 +327,16 @@ def _index(r: _Reader, name: str, spec: object) -> Index:
     return Index(name, expression["count"], expression["active"], expression["values"])
 
 
+def _auxiliary(r: _Reader, name: str, spec: object) -> Auxiliary:
+    """`source.auxiliary.NAME: {help: TEXT, model_type: [..]}`: a source read by name only."""
+    where = f"source.auxiliary.{name}"
+    if not name.isidentifier() or name == "base":
+        raise r.fail(where, "a source name must be a plain identifier other than base")
+    spec = r.mapping(spec, where, required=("help",), optional=("model_type",))
+    return Auxiliary(name, r.typed(spec["help"], f"{where}.help", str),
+                     tuple(r.strings(spec.get("model_type", []), f"{where}.model_type")))
+
+
 def _exactness(r: _Reader, spec: object) -> Exactness:
     spec = r.mapping(spec, "exact", required=("because",), optional=("unless",))
     unless = []
@@ -402,7 +425,7 @@ OPS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "slice": ("one", ("dim",), ("start", "stop", "step", "part", "parts")),
     "take": ("one", ("dim", "index"), ()),
     "repeat": ("one", ("dim", "times"), ()),
-    "concat": ("list", ("dim",), ()),
+    "concat": ("list", ("dim",), ("over",)),
     "stack": ("one", ("over",), ()),
     "scale": ("one", ("by",), ()),
     "add": ("list", (), ()),
@@ -445,7 +468,7 @@ def _value(r: _Reader, spec: object, where: str, indices: dict[str, Index]) -> S
     op = ops[0]
     arity, required, optional = OPS[op]
     r.mapping(spec, where, required=(op, *required), optional=optional)
-    if arity == "list":
+    if arity == "list" and "over" not in spec:
         items = r.typed(spec[op], f"{where}.{op}", list)
         if not items:
             raise r.fail(f"{where}.{op}", "needs at least one value")

@@ -25,6 +25,7 @@ from surgery.checkpoint import INDEX_NAME, read_header
 from surgery.cli import main
 from surgery.errors import SurgeryError
 from surgery.hub import http_client
+from surgery.rules import find_rules
 from surgery.verify import verify
 from tests.fake_hub import FakeHub, etag, folder_files
 from tests.tiny_models import save_tiny
@@ -422,6 +423,15 @@ def test_a_failed_push_keeps_the_output_and_says_how_to_retry(hub, uploads, mode
     assert_one_line_error(result, "connection refused", f"{out} is complete", f"retry with `hf upload me/moe {out}`")
     the_plan = surgery.plan(models[SHA_MAIN], **RECIPE)
     assert verify(the_plan, out) == len(the_plan.tensors)
+
+
+def test_an_output_transformers_would_not_load_is_not_pushed(hub, uploads, tmp_path):
+    rules = tmp_path / "misnamed.yaml"
+    text = find_rules("mistral-to-mixtral").read_text()
+    rules.write_text(text.replace("experts.{expert}.w1.weight", "experts.{expert}.w9.weight"))
+    result = run("upcycle", REPO, tmp_path / "moe", "-r", rules, "-e", "4", "-k", "2", "--quiet", "--push-to-hub", "me/moe")
+    assert_one_line_error(result, "experts.0.w9.weight", "The output is kept")
+    assert uploads == []
 
 
 def test_push_without_a_token_fails_before_any_work(hub, uploads, tmp_path, monkeypatch):

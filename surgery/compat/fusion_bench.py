@@ -244,13 +244,17 @@ def check_save_checkpoint(path: str | os.PathLike, key: str = "save_checkpoint")
 
 
 def mixtral_rules(source: Checkpoint) -> RuleFile:
-    """The built-in rule file to Mixtral whose `source_model_types` include the source's model_type."""
+    """The built-in rule file to Mixtral whose `source_model_types` include the source's model_type; where several
+    do (e.g. experts-to-mixtral, which takes experts from further sources), the one named for the pair,
+    `<model_type>-to-mixtral`."""
     if not source.config:
         raise SurgeryError(f"{source.location}: no config.json, so there is no model_type to choose a rule file by")
     model_type = source.config.get("model_type")
     to_mixtral = [rules for rules in map(load_rules, builtin_rule_names())  # upcycles: into Mixtral, from others
                   if rules.target["model_type"] == TARGET_MODEL_TYPE and TARGET_MODEL_TYPE not in rules.source_model_types]
     found = [rules for rules in to_mixtral if model_type in rules.source_model_types]
+    named = f"{str(model_type).replace('_', '-')}-to-{TARGET_MODEL_TYPE}"
+    found = [rules for rules in found if rules.name == named] or found
     if len(found) == 1:
         return found[0]
     if found:
