@@ -142,7 +142,7 @@ no_check_option = click.option("--no-check", is_flag=True,
                                help="Do not check DST afterwards as `surgery check` does (that transformers would "
                                     "load it: names, shapes, dtypes).")
 
-#: `--json` of the commands that report (plan, inspect, verify, rules; `check` should take it too when it lands):
+#: `--json` of the commands that report (plan, inspect, verify, check, rules):
 #: one JSON document on stdout instead of text, built by report_json
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print one JSON document on stdout instead of text (shape: docs/json.md).")
@@ -279,7 +279,7 @@ def assemble(src: str, dst: Path, rules: str, overwrite: bool, **kwargs) -> None
 @json_option
 @friendly_errors
 def plan(src: str, rules: str, list_tensors: bool, as_json: bool, **kwargs) -> None:
-    """Show what upcycling SRC would write, from headers alone (no tensor data is read).
+    """Show what the rule file (--rules) would write from SRC, from headers alone (no tensor data is read).
 
     SRC is a checkpoint folder, a .safetensors file or a Hub repo id ORG/NAME[@REVISION] (headers are then read
     with HTTP range requests). Prints total and active parameters, output bytes, what each rule matched and the
@@ -329,7 +329,7 @@ def inspect(path: str, as_json: bool) -> None:
 @json_option
 @friendly_errors
 def verify(src: str, dst: str, rules: str, quiet: bool, numeric: bool, as_json: bool, **kwargs) -> None:
-    """Check that DST holds exactly what upcycling SRC with these options produces, byte for byte.
+    """Check that DST holds exactly what the rule file makes of SRC with these options, byte for byte.
 
     With --numeric, check instead that DST computes what the recipe promises: layer by layer, the module the rule
     file names (the dense MLP and the MoE block) is loaded alone from each checkpoint and run on the same random
@@ -356,10 +356,10 @@ def verify(src: str, dst: str, rules: str, quiet: bool, numeric: bool, as_json: 
 def _verify_numeric(the_plan, dst: str, quiet: bool, as_json: bool) -> None:
     from tqdm.auto import tqdm
 
-    from .numeric import TOLERANCE, check_numeric
+    from .numeric import TOLERANCE, check_numeric, checked_layers
     from .report import exactness_line
 
-    with tqdm(desc="checking layers", unit="layer", disable=quiet) as bar:
+    with tqdm(total=len(checked_layers(the_plan)), desc="checking layers", unit="layer", disable=quiet) as bar:
         results = check_numeric(the_plan, dst, bar.update)
     if as_json:
         echo_json({"command": "verify", "numeric": True, "tolerance": TOLERANCE, "exact": the_plan.exact[0],
@@ -460,7 +460,7 @@ def rules_command(name: str | None, as_json: bool) -> None:
     the schema is documented in docs/rules.md.
     """
     from .report_json import rule_document, rules_list_document
-    from .rules import builtin_rule_names, find_rules, load_rules
+    from .rules import builtin_rule_names, find_rules, load_rules, target_model_types
 
     if as_json:
         echo_json(rule_document(name) if name else rules_list_document(builtin_rule_names()))
@@ -468,9 +468,13 @@ def rules_command(name: str | None, as_json: bool) -> None:
     if name:
         click.echo(find_rules(name).read_text(), nl=False)
         return
-    for rule_name in builtin_rule_names():
+    names = builtin_rule_names()
+    width = max(map(len, names), default=0)
+    for rule_name in names:
         rules = load_rules(rule_name)
-        click.echo(f"{rule_name:24} {', '.join(rules.source_model_types)} -> {rules.target['model_type']}: {rules.description}")
+        sources, targets = list(rules.source_model_types), target_model_types(rules)
+        shown = "the same" if targets == sources and len(targets) > 1 else ", ".join(targets)
+        click.echo(f"{rule_name:{width}}  {', '.join(sources)} -> {shown}: {rules.description}")
 
 
 @main.command()

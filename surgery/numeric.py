@@ -18,7 +18,7 @@ from .errors import SurgeryError
 from .expressions import render
 from .extras import torch_and_transformers
 from .plan import Plan, fill
-from .rules import compile_pattern
+from .rules import NumericCheck, compile_pattern
 
 #: largest relative difference (max |output - dense| / max |dense|) of a layer that counts as the same function
 TOLERANCE = 1e-5
@@ -40,18 +40,17 @@ def check_numeric(plan: Plan, dst: str | os.PathLike, progress: Callable[[int], 
                   ) -> list[LayerCheck]:
     """Compare each layer's module of the source and of `dst`; raise SurgeryError where `plan` calls the recipe
     exact and a layer differs. `progress` is called once per layer checked."""
-    check = plan.rules.numeric_check
-    if check is None:
-        raise SurgeryError(f"rule file {plan.rules.name} has no numeric_check: it does not say which modules to compare")
+    check = _numeric_check(plan)
     torch, transformers = _libraries()
     output = open_checkpoint(dst)
     results = []
-    for layer in _layers(plan.source, check.source):
+    for layer in checked_layers(plan):
         names = {**plan.source.config, **plan.params, "layer": layer}
         hidden = torch.randn(1, TOKENS, plan.source.config["hidden_size"],
                              generator=torch.Generator().manual_seed(layer))
         expected = _run(plan.source, fill(check.source, names, "numeric_check.source"), layer, {}, names, hidden)
-        got = _run(output, fill(check.target, names, "numeric_check.target"), layer, check.config, names, hidden)
+        got = _sum(output, [fill(t, names, "numeric_check.target") for t in check.target], layer, check.config, names,
+                   hidden)
         scale = expected.abs().max().item() or 1.0
         results.append(LayerCheck(layer, (got - expected).abs().max().item() / scale))
         progress(1)
@@ -64,6 +63,14 @@ def check_numeric(plan: Plan, dst: str | os.PathLike, progress: Callable[[int], 
             f"of {len(results)} layers over {TOLERANCE:g}), but the recipe is exact ({why})"
         )
     return results
+
+
+def _sum(checkpoint: Checkpoint, prefixes: list[str], layer: int, edits: dict, names: dict, hidden: object) -> object:
+    """The summed outputs of the modules at `prefixes` that the checkpoint holds (a shared MLP may be left out)."""
+    held = [p for p in prefixes if any(name.startswith(p + ".") for name in checkpoint.tensors)]
+    if not held:
+        raise SurgeryError(f"{checkpoint.location}: no tensors under {' or '.join(prefixes)}")
+    return sum(_run(checkpoint, prefix, layer, edits, names, hidden) for prefix in held)
 
 
 def _run(checkpoint: Checkpoint, prefix: str, layer: int, edits: dict, names: dict, hidden: object) -> object:
@@ -145,9 +152,16 @@ def _tensors(checkpoint: Checkpoint, prefix: str):
                 yield name, f.get_tensor(name)
 
 
-def _layers(source: Checkpoint, template: str) -> list[int]:
-    pattern = compile_pattern(template + ".{rest:*}")
-    return sorted({int(m["layer"]) for name in source.tensors if (m := pattern.fullmatch(name))})
+def checked_layers(plan: Plan) -> list[int]:
+    """The layers `check_numeric` compares: those holding the rule file's `numeric_check.source` module."""
+    pattern = compile_pattern(_numeric_check(plan).source + ".{rest:*}")
+    return sorted({int(m["layer"]) for name in plan.source.tensors if (m := pattern.fullmatch(name))})
+
+
+def _numeric_check(plan: Plan) -> NumericCheck:
+    if plan.rules.numeric_check is None:
+        raise SurgeryError(f"rule file {plan.rules.name} has no numeric_check: it does not say which modules to compare")
+    return plan.rules.numeric_check
 
 
 def _first(result: object) -> object:

@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint
 from .plan import Plan, PlannedTensor, RuleStats
 from .producers import Copy
 from .report import byte_split
-from .rules import RuleFile, TensorRule, find_rules, load_rules
+from .rules import RuleFile, TensorRule, find_rules, load_rules, target_model_types
 
 
 def dumps(document: dict) -> str:
@@ -139,4 +139,5 @@ def rule_document(name: str) -> dict:
 
 def _summary(rules: RuleFile) -> dict:
     return {"name": rules.name, "description": rules.description, "path": rules.path,
-            "source_model_types": list(rules.source_model_types), "target": dict(rules.target)}
+            "source_model_types": list(rules.source_model_types), "target": dict(rules.target),
+            "target_model_types": target_model_types(rules)}

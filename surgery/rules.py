@@ -15,7 +15,7 @@ import yaml
 
 from . import dtypes
 from .errors import SurgeryError
-from .expressions import parse, placeholders
+from .expressions import parse, placeholders, render
 from .params import Parameter, parse_declaration
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -90,11 +90,12 @@ class Exactness:
 @dataclass(frozen=True)
 class NumericCheck:
     """Which module of the source and of the output compute the same function, per layer: prefixes of their
-    parameter names (`model.layers.{layer}.mlp`), for `surgery verify --numeric`; `config` edits the output's
-    config for a one-layer model of layer `{layer}` (e.g. whether that layer is MoE)."""
+    parameter names (`model.layers.{layer}.mlp`), for `surgery verify --numeric`; `target` may list several
+    modules whose outputs add up (an MoE block beside a shared MLP); `config` edits the output's config for a
+    one-layer model of layer `{layer}` (e.g. whether that layer is MoE)."""
 
     source: str
-    target: str
+    target: tuple[str, ...]
     config: dict = field(default_factory=dict)
 
 
@@ -131,6 +132,19 @@ class RuleFile:
     refuses: dict[str, str] = field(default_factory=dict)
     numeric_check: NumericCheck | None = None
     tensors: tuple[TensorRule, ...] = ()
+
+
+def target_model_types(rules: RuleFile) -> list[str]:
+    """The output's model_type for each of the source model_types, without repeats (a templated target such as
+    `{model_type}` rendered for each); the template itself where it needs more than the source's model_type."""
+    template, out = rules.target["model_type"], []
+    for model_type in rules.source_model_types:
+        try:
+            rendered = str(render(template, {"model_type": model_type}, "target.model_type"))
+        except SurgeryError:
+            return [template]
+        out += [rendered] if rendered not in out else []
+    return out
 
 
 def builtin_rule_names() -> list[str]:
@@ -367,8 +381,11 @@ def _requirements(r: _Reader, spec: object) -> tuple[tuple[str, str], ...]:
 
 def _numeric_check(r: _Reader, spec: object) -> NumericCheck:
     spec = r.mapping(spec, "numeric_check", required=("source", "target"), optional=("config",))
+    targets = spec["target"] if isinstance(spec["target"], list) else [spec["target"]]
+    if not targets:
+        raise r.fail("numeric_check.target", "a module prefix or a non-empty list of them")
     return NumericCheck(r.template(spec["source"], "numeric_check.source"),
-                        r.template(spec["target"], "numeric_check.target"),
+                        tuple(r.template(t, f"numeric_check.target[{i}]") for i, t in enumerate(targets)),
                         r.mapping(spec.get("config", {}), "numeric_check.config"))
 
 

@@ -169,6 +169,10 @@ def test_plan_prints_counts_and_reads_no_tensor_data(src, monkeypatch):
 def test_rules_lists_and_shows_builtins():
     listing = run("rules")
     assert listing.exit_code == 0 and "mistral-to-mixtral" in listing.output and "llama-to-mixtral" in listing.output
+    lines = {line.split()[0]: line for line in listing.output.splitlines()}
+    assert "-> qwen3_5_moe_text, qwen3_5_moe:" in lines["qwen3-5-to-qwen3-5-moe"]  # a templated target, rendered
+    assert "mistral, llama, qwen2, qwen3 -> the same:" in lines["depth-upscale"]
+    assert len({len(line) - len(line[len(name):].lstrip()) for name, line in lines.items()}) == 1  # one column
     shown = run("rules", "llama-to-mixtral")
     assert "block_sparse_moe.experts.{expert}.w1.weight" in shown.output
     assert_one_line_error(run("rules", "nope"), "unknown rule file")

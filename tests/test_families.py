@@ -369,10 +369,11 @@ def test_numeric_check_passes_layer_by_layer(sources, tmp_path, rules):
     from surgery.numeric import check_numeric
 
     kind, overrides, settings = FAMILIES[rules]
-    # GraniteMoeShared adds its shared MLP beside block_sparse_moe, which the numeric check compares alone;
-    # transformers 4 cannot build a one-layer ERNIE-4.5-MoE whose layer is dense (its fp32 list names the router)
-    params = dict(FOUR, shared_experts=0) if rules == "granite-to-granitemoeshared" else \
-        FOUR if rules.startswith("ernie") and not TRANSFORMERS_5 else settings[-1]
-    out = upcycle(sources(kind, overrides), tmp_path / "out", rules, **params)
-    results = check_numeric(surgery.plan(sources(kind, overrides), rules, **params), out)
-    assert results and all(r.same for r in results), results
+    # transformers 4 cannot build a one-layer ERNIE-4.5-MoE whose layer is dense (its fp32 list names the router);
+    # GraniteMoeShared's shared MLP sits beside block_sparse_moe (both summed), or is left out
+    choices = [FOUR] if rules.startswith("ernie") and not TRANSFORMERS_5 else \
+        [settings[-1], dict(FOUR, shared_experts=0)] if rules == "granite-to-granitemoeshared" else [settings[-1]]
+    for i, params in enumerate(choices):
+        out = upcycle(sources(kind, overrides), tmp_path / f"out{i}", rules, **params)
+        results = check_numeric(surgery.plan(sources(kind, overrides), rules, **params), out)
+        assert results and all(r.same for r in results), (params, results)

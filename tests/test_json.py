@@ -125,7 +125,9 @@ def test_rules_json_matches_the_text():
     doc = document("rules")
     assert [r["name"] for r in doc["rules"]] == [row.split()[0] for row in listing]
     for rule, row in zip(doc["rules"], listing):
-        assert row.endswith(f"-> {rule['target']['model_type']}: {rule['description']}")
+        targets = rule["target_model_types"]
+        shown = "the same" if targets == rule["source_model_types"] and len(targets) > 1 else ", ".join(targets)
+        assert row.endswith(f"-> {shown}: {rule['description']}")
         assert ", ".join(rule["source_model_types"]) in row
     shown = document("rules", "mistral-to-mixtral")
     assert shown["text"] == run("rules", "mistral-to-mixtral").stdout

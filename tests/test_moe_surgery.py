@@ -4,6 +4,7 @@ FusionBench depth-upscaling front end."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +156,7 @@ def test_repeated_layers_can_be_scaled(dense, tmp_path):
 
 
 def test_per_layer_config_lists_follow_the_layers(dense, tmp_path):
-    """Qwen2's layer_types and a Qwen2-MoE's mlp_only_layers are re-indexed with the layers."""
+    """Qwen2's layer_types are re-indexed with the layers; a partial Qwen2-MoE lists its dense layers."""
     src = dense["qwen2"]
     config = json.loads((src / "config.json").read_text())
     plan = surgery.plan(src, "depth-upscale", layers="3,0:2")
@@ -179,6 +180,23 @@ def test_the_fusion_bench_depth_upscaling_config_gives_the_same_bytes(dense, tmp
 
 
 # ----------------------------------------------------------------------------------------------- bad input
+
+
+def test_depth_upscaling_refuses_sliding_layers_counted_from_max_window_layers(dense, tmp_path):
+    """Without layer_types, transformers derives the sliding layers from max_window_layers and the depth: they would
+    not follow the layers moved."""
+    src = tmp_path / "qwen2"
+    shutil.copytree(dense["qwen2"], src)
+    config = json.loads((src / "config.json").read_text())
+    config.pop("layer_types", None)
+    (src / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "max_window_layers": 2}))
+    assert_one_line_error(run("apply", src, tmp_path / "out", "-r", "depth-upscale", "-p", "layers=0:4,2:4", "-q"),
+                          "max_window_layers (2)", "lists no layer_types")
+    with_types = {**config, "use_sliding_window": True, "max_window_layers": 2,
+                  "layer_types": ["full_attention"] * 2 + ["sliding_attention"] * 2}
+    (src / "config.json").write_text(json.dumps(with_types))
+    planned = surgery.plan(src, "depth-upscale", layers="0:4,2:4").config["layer_types"]
+    assert planned == ["full_attention"] * 2 + ["sliding_attention"] * 4
 
 
 @pytest.mark.parametrize("rules,args,message", [

@@ -19,6 +19,7 @@ from surgery.errors import SurgeryError
 from surgery.expressions import evaluate
 
 from .test_cli import assert_one_line_error, run
+from .tiny_models import save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 MOE = ["-r", "mistral-to-mixtral", "-e", "4", "-k", "2"]
@@ -167,6 +168,20 @@ def test_when_picks_layers_and_untaken_tensors_are_copied(mistral, tmp_path):
     assert "model.layers.0.mlp.up_proj.weight" in got and "model.layers.0.block_sparse_moe.gate.weight" not in got
     assert "model.layers.1.mlp.up_proj.weight" not in got and "model.layers.1.block_sparse_moe.gate.weight" in got
     assert got["model.layers.0.mlp.up_proj.weight"].equal(dense["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_relayer_repicks_per_layer_lists_and_renumbers_index_lists(tmp_path):
+    """depth-upscale's relayer with `index_lists`, on a partial Qwen2-MoE: mlp_only_layers follows its layer."""
+    dense = save_tiny("qwen2", tmp_path / "qwen2", shards=2, intermediate_size=96, num_hidden_layers=4)
+    moe = surgery.upcycle(dense, tmp_path / "moe", "qwen2-to-qwen2-moe", 4, 2, moe_layers="1:", progress=False)
+    doc = yaml.safe_load((ROOT / "rules" / "depth-upscale.yaml").read_text())
+    doc["source"]["model_type"] = ["qwen2_moe"]
+    doc["config"]["relayer"]["index_lists"] = ["mlp_only_layers"]
+    source = json.loads((moe / "config.json").read_text())
+    assert source["mlp_only_layers"] == [0]
+    config = surgery.plan(moe, write(tmp_path, doc), layers="1:4,0:2").config
+    assert config["mlp_only_layers"] == [3] and config["num_hidden_layers"] == 5
+    assert config["layer_types"] == [source["layer_types"][i] for i in (1, 2, 3, 0, 1)]
 
 
 def test_drop_removes_tensors(mistral, tmp_path):
