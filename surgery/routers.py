@@ -258,7 +258,8 @@ def _run_layer(model: object, ids: object, mask: object, residual: object | None
     with _hooks((layer.register_forward_pre_hook(entering, with_kwargs=True),
                  layer.register_forward_hook(leaving, with_kwargs=True),
                  _mlp(layer).register_forward_pre_hook(mlp, with_kwargs=True))), torch.no_grad():
-        model(input_ids=ids, attention_mask=mask)
+        # no cache: one pass needs none, and a one-layer model of a linear-attention layer (Qwen3.5) cannot size one
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
     return seen["entering"], seen["leaving"], seen["mlp"]
 
 

@@ -153,6 +153,13 @@ CASES: dict[str, tuple[str, dict, list[tuple[dict, str]]]] = {
         (dict(expert_sources=[0, 0], experts_per_token=2), EXACT),
         (dict(expert_sources=[0, 0, 0], experts_per_token=2, norm_topk_prob=False), NOT_EXACT),
     ]),
+    # experts from several checkpoints of the other families: tests/test_experts_families.py checks their claims
+    "experts-to-qwen3-5-moe": ("qwen3_5_text", QWEN3_5, []),
+    "experts-to-granitemoe": ("granite", GRANITE, []),
+    "experts-to-granitemoeshared": ("granite", GRANITE, []),
+    "experts-to-ernie4-5-moe": ("ernie4_5", ERNIE, []),
+    "experts-to-hunyuan-v1-moe": ("hunyuan_v1_dense", HUNYUAN, []),
+    "experts-to-cohere2-moe": ("cohere2", COHERE2, []),
     # these read a dense model as a second source: tests/test_mergekit.py checks them
     "mixtral-add-experts": ("mixtral", MIXTRAL, []),
     "qwen-moe-add-experts": ("qwen3_moe", QWEN_MOE, []),

@@ -28,6 +28,7 @@ from ..api import open_source, plan as make_plan, upcycle
 from ..checkpoint import Checkpoint
 from ..destination import Destination
 from ..errors import SurgeryError
+from ..expressions import render
 from ..routers import FROM_PROMPTS, HIDDEN_MODES, ROUTER_INPUTS, Prompts, router_rows, write_routers
 from ..rules import RuleFile, builtin_rule_names, load_rules
 from ..signals import interrupts_raise
@@ -258,7 +259,8 @@ def _open(model: str, name: str) -> Checkpoint:
 def select_rules(config: MoEConfig, model_type: object) -> RuleFile:
     """The built-in rule file for the base's model_type: `*-add-experts` when it is already an MoE, else the
     `experts-to-*` file whose target `architecture` names (a prefix, as mergekit matches it) that can hold the
-    config's shared experts, Mixtral first (mergekit's default)."""
+    config's shared experts (or, without any, writes none: Granite-MoE, not Granite-MoE-Shared, whose
+    `shared_sources` default to the base's MLP), Mixtral first (mergekit's default)."""
     files = [load_rules(name) for name in builtin_rule_names()
              if name.startswith(EXPERTS_PREFIX) or name.endswith(ADD_SUFFIX)]
     for rules in files:
@@ -269,11 +271,26 @@ def select_rules(config: MoEConfig, model_type: object) -> RuleFile:
                                    "(run once per model to add several)")
             return rules
     readers = [r for r in files if r.name.startswith(EXPERTS_PREFIX) and model_type in r.source_model_types]
-    named = [r for r in readers if _named(r.target["model_type"], config.architecture)]
-    fitting = [r for r in named if ("shared_sources" in r.parameters) == bool(config.shared)]
+    named = [r for r in readers if _named(_target(r, model_type), config.architecture)]
+    fitting = [r for r in named if _holds(r, bool(config.shared))]
     if not fitting:
         raise SurgeryError(_no_target(config, model_type, readers, named))
-    return min(fitting, key=lambda r: r.target["model_type"] != "mixtral")
+    return min(fitting, key=lambda r: _target(r, model_type) != "mixtral")
+
+
+def _holds(rules: RuleFile, shared: bool) -> bool:
+    """Whether `rules` writes what the config says of shared experts: with some, a file that takes
+    `shared_sources`; without, one that has none or whose `shared_sources` default to none (optional)."""
+    declared = rules.parameters.get("shared_sources")
+    return declared is not None if shared else declared is None or declared.default == []
+
+
+def _target(rules: RuleFile, model_type: object) -> str:
+    """The model_type `rules` writes for a base of `model_type` (a templated target rendered for it)."""
+    try:
+        return str(render(rules.target["model_type"], {"model_type": model_type}, "target.model_type"))
+    except SurgeryError:
+        return str(rules.target["model_type"])
 
 
 def _named(model_type: str, architecture: str | None) -> bool:
@@ -284,18 +301,18 @@ def _named(model_type: str, architecture: str | None) -> bool:
 
 
 def _no_target(config: MoEConfig, model_type: object, readers: list[RuleFile], named: list[RuleFile]) -> str:
-    targets = ", ".join(sorted(r.target["model_type"] for r in readers))
+    targets = ", ".join(sorted(_target(r, model_type) for r in readers))
     if not readers:
         return f"base_model is a {model_type!r} model: no built-in rule file builds an MoE from it"
     if not named:
         deepseek = "DeepSeek MoE needs remote code (deepseek-moe-16b's modelling files), which surgery does not write; "
         hint = deepseek if _named("deepseek", config.architecture) else ""
         return f"architecture {config.architecture!r}: {hint}{model_type} models make {targets}"
-    holding = ", ".join(r.target["model_type"] for r in named if "shared_sources" in r.parameters)
+    holding = ", ".join(_target(r, model_type) for r in named if "shared_sources" in r.parameters)
     if config.shared:
         return (f"shared_experts: of the targets for {model_type} models ({targets}), none holds shared experts "
                 "(mergekit would write DeepSeek MoE, which needs remote code: surgery does not write it)")
-    return f"{holding} always has a shared expert: give shared_experts, or another architecture"
+    return f"{holding} always has a shared expert: give shared_experts"
 
 
 def _expert_params(config: MoEConfig) -> dict[str, object]:
@@ -422,7 +439,9 @@ def mergekit_moe_command(config: Path, out: Path, layout: str | None, router_inp
     The same YAML (base_model, gate_mode, dtype, experts_per_token, experts with source_model, positive_prompts,
     negative_prompts, noise_scale and residual_scale, shared_experts, architecture); models are streamed, never
     loaded. Mixtral from Mistral/Llama, Qwen2-MoE (one or more shared experts) from Qwen2, Qwen3-MoE from Qwen3,
-    FlexOlmo from OLMo 2/3; with an MoE as base_model, the experts are appended to it. hidden, hidden_avg,
+    FlexOlmo from OLMo 2/3, Qwen3.5-MoE (with shared experts) from Qwen3.5, Granite-MoE (Granite-MoE-Shared with
+    shared experts) from Granite, ERNIE-4.5-MoE from ERNIE 4.5, Hunyuan-MoE (with one shared expert) from Hunyuan,
+    Cohere2-MoE from Cohere2; with an MoE as base_model, the experts are appended to it. hidden, hidden_avg,
     hidden_last and cheap_embed compute the routers from the prompts one layer at a time; random and
     uniform_random draw them (seeded).
     """
