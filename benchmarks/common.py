@@ -69,6 +69,15 @@ RECIPE_TEXT = {
 def source_arch(recipe: str) -> str:
     """The synthetic architecture a recipe reads."""
     return RECIPE_SOURCE.get(recipe, "mistral-7b")
+
+
+def shapes_text(arch: str) -> str:
+    """The shapes of a synthetic architecture, for result headers."""
+    if arch == "mistral-7b":
+        return "Mistral-7B shapes (hidden 4096, intermediate 14336, vocab 32000, 32 heads, 8 KV heads)"
+    if arch == "mixtral-8x7b":
+        return "Mixtral-8x7B shapes (hidden 4096, 8 experts of intermediate 14336, vocab 32000, 32 heads, 8 KV heads)"
+    return "Qwen3-8B shapes (hidden 4096, intermediate 12288, vocab 151936, 32 heads, 8 KV heads)"
 MIB = 1 << 20
 #: free disk left untouched when deciding whether a depth fits
 DISK_MARGIN = 5 * 10**9

@@ -24,7 +24,8 @@ if __package__ in (None, ""):  # run as `python benchmarks/memory.py`
 
 from benchmarks.common import (
     RECIPES, RECIPE_TEXT, dir_bytes, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line,
-    place_arguments, planned_sizes, run_measured, scratch, source_arch, stats_dict, upcycle_command, write_results,
+    place_arguments, planned_sizes, run_measured, scratch, shapes_text, source_arch, stats_dict, upcycle_command,
+    write_results,
 )
 from benchmarks.synthetic import write_synthetic
 
@@ -93,7 +94,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Peak memory of `surgery upcycle` ({result['recipe']})",
         "",
-        "Synthetic Mistral-7B shapes (hidden 4096, intermediate 14336, vocab 32000, 32 heads, 8 KV heads), "
+        f"Synthetic {shapes_text(result.get('arch', 'mistral-7b'))}, "
         "random bf16 in 5 GB shards; the real CLI as a child process. Peak RSS is its ru_maxrss from os.wait4 "
         "(spawned by a ~10 MiB launcher: Linux starts a child's ru_maxrss at its spawner's RSS); VmHWM and RssAnon "
         "are the peaks of /proc/<pid>/status sampled every 10 ms. GB = 10^9 bytes. Wall: the command alone, "
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": command.strip(),
         "recipe": RECIPE_TEXT[args.recipe],
+        "arch": source_arch(args.recipe),
         "budgets": {"peak_rss_mib": RSS_BUDGET_MIB, "growth_mib_per_layer": GROWTH_BUDGET_MIB},
         "machine": machine(),
         "depths": depths,

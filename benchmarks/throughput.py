@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/throughput.py`
 
 from benchmarks.common import (
     RECIPES, RECIPE_TEXT, dir_bytes, drop_caches, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line,
-    place_arguments, planned_sizes, run_measured, scratch, source_arch, upcycle_command, write_results,
+    place_arguments, planned_sizes, run_measured, scratch, shapes_text, source_arch, upcycle_command, write_results,
 )
 from benchmarks.synthetic import write_synthetic
 
@@ -104,12 +104,13 @@ def markdown(result: dict) -> str:
     lines = [
         "# Wall time of `surgery upcycle` vs `cp` of the same bytes",
         "",
-        f"{RECIPE_TEXT[result.get('recipe', 'copy')]}, on synthetic Mistral-7B shapes (random bf16, 5 GB shards). "
+        f"{RECIPE_TEXT[result.get('recipe', 'copy')]}, on synthetic "
+        f"{shapes_text(source_arch(result.get('recipe', 'copy')))} (random bf16, 5 GB shards). "
         f"Interleaved cp, upcycle, cp, upcycle, ... ({result['repeats']} pairs per depth); "
         + ("page cache dropped before every run" if dropped and result["cold"] else "page cache NOT dropped")
         + "; times include the `sync` that writes the output to disk. GB = 10^9 bytes. Disk reads are the "
-        "child's ru_inblock: cp reads every output byte, upcycle reads the source once (each MLP goes into "
-        "4 experts; the 3 later copies read it from the page cache).",
+        "child's ru_inblock: cp reads every output byte, upcycle reads each source byte it uses once (a tensor "
+        "copied several times, such as an MLP into several experts, comes from the page cache after the first).",
         "",
         f"Machine: {machine_line(result['machine'])}.",
         "",
