@@ -17,10 +17,12 @@ from .copying import share_blocks, write_all
 from .errors import SurgeryError, os_error
 from .header import build_header
 from .producers import Copy, Producer, Sources
-from .sharing import BLOCK, Item, arrange, phase_weights, shareable_bytes
+from .sharing import ALIGN, BLOCK, Item, arrange, phase_weights, shareable_bytes
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
 TEMP_SUFFIX = ".partial"
+#: a phase class gets shards of its own only with this many shareable bytes (at most 1/8 of a shard)
+CLASS_MIN_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -42,22 +44,70 @@ class OutputTensor:
 
 
 def shard_layout(tensors: list[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:
-    """Split greedily in order, exactly as huggingface_hub's split_torch_state_dict_into_shards does."""
-    shards: list[list[OutputTensor]] = []
-    current: list[OutputTensor] = []
-    size = 0
-    for t in tensors:
-        if t.nbytes > max_shard_bytes:  # as huggingface_hub: alone, before the shard being filled
-            shards.append([t])
+    """The output's shards: `split` by size and phase class (see `phase_classes`)."""
+    classes = phase_classes(tensors, min(CLASS_MIN_BYTES, max_shard_bytes // 8))
+    return [[tensors[i] for i in shard] for shard in split([t.nbytes for t in tensors], classes, max_shard_bytes)]
+
+
+def split(sizes: list[int], classes: list[int | None], max_shard_bytes: int) -> list[list[int]]:
+    """Indices of items split greedily in order, as huggingface_hub's split_torch_state_dict_into_shards does, but
+    with one shard being filled per class: copies from source files whose data sit at unrelated offsets modulo
+    BLOCK cannot all share blocks in one file (see `sharing`), so they go to different shards. An item without a
+    class (None) joins the shard of the item before it; a shard is closed when full, or when the next item has
+    another class and none of its own are left.
+
+    With one class or none this is exactly huggingface_hub's split."""
+    last = {c: i for i, c in enumerate(classes)}  # where each class's last item is
+    shards: list[list[int]] = []
+    filling: dict[int | None, list[int]] = {}  # class -> the shard being filled
+    filled: dict[int | None, int] = {}  # class -> its bytes
+    current: int | None = None
+    for i, (size, cls) in enumerate(zip(sizes, classes)):
+        if size > max_shard_bytes:  # as huggingface_hub: alone, before the shard being filled
+            shards.append([i])
             continue
-        if current and size + t.nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(t)
-        size += t.nbytes
-    if current or not shards:
-        shards.append(current)
-    return shards
+        if cls is not None and cls != current:
+            if current is None and None in filling:  # items without a class came first: theirs is this one
+                filling[cls], filled[cls] = filling.pop(None), filled.pop(None)
+            elif current in filling and last[current] < i:  # nothing of its class is left: close it
+                shards.append(filling.pop(current))
+            current = cls
+        if filling.get(current) and filled[current] + size > max_shard_bytes:
+            shards.append(filling.pop(current))
+        if current not in filling:
+            filling[current], filled[current] = [], 0
+        filling[current].append(i)
+        filled[current] += size
+    return shards + list(filling.values()) or [[]]
+
+
+def phase_classes(tensors: list[OutputTensor], least: int) -> list[int | None]:
+    """Each tensor's phase class: the phases (starts modulo BLOCK, see `copy_phases`) at which copies share blocks,
+    joined when copies from one source file share at both (`sharing.arrange` can line up one file's tensors in one
+    shard with that file's odd-sized ones between them), named by their smallest. None for a tensor that shares
+    nothing, or whose class holds fewer than `least` shareable bytes in the whole output."""
+    parent: dict[int, int] = {}
+
+    def root(phase: int) -> int:
+        while parent.setdefault(phase, phase) != phase:
+            phase = parent[phase]
+        return phase
+
+    best: list[tuple[int, int] | None] = []
+    file_phase: dict[tuple[str, str], int] = {}
+    for t in tensors:
+        usable = {p: n for p, n in copy_phases(t).items() if p % ALIGN == 0}
+        if not usable or t.nbytes % ALIGN:
+            best.append(None)
+            continue
+        best.append(min(usable.items(), key=lambda pn: (-pn[1], pn[0])))
+        for source, _ in t.producer.runs:
+            a, b = root(best[-1][0]), root(file_phase.setdefault((source.store.key, source.info.file), best[-1][0]))
+            parent[max(a, b)] = min(a, b)
+    totals: dict[int, int] = {}
+    for b in filter(None, best):
+        totals[root(b[0])] = totals.get(root(b[0]), 0) + b[1]
+    return [root(b[0]) if b and totals[root(b[0])] >= least else None for b in best]
 
 
 def shard_names(count: int) -> list[str]:
@@ -127,8 +177,9 @@ class Shard:
 
 
 def plan_shards(tensors: list[OutputTensor], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Shard]:
-    """The output files for `tensors`: Hugging Face's greedy split, names, and each file's tensor order and header,
-    padded so that copies can share blocks with their source on reflink filesystems (see `file_order`)."""
+    """The output files for `tensors`: Hugging Face's greedy split, one shard filled per phase class (see
+    `shard_layout`), names, and each file's tensor order and header, padded so that copies can share blocks with
+    their source on reflink filesystems (see `file_order`)."""
     layout = shard_layout(tensors, max_shard_bytes)
     shards = []
     for name, members in zip(shard_names(len(layout)), layout):

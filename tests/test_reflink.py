@@ -1,11 +1,13 @@
 """Sharing blocks with the source on reflink filesystems.
 
 Pure parts first: the head / aligned middle / tail split of a copy (os.copy_file_range recorded), and the layout that
-puts copied bytes at their source's offsets modulo 4096 (sharing.arrange, writer.plan_shards). Then real upcycles on
+puts copied bytes at their source's offsets modulo 4096 (sharing.arrange, writer.plan_shards; copies from source
+files at different offsets in different output shards). Then real upcycles on
 XFS (`mkfs.xfs -m reflink=1`) and btrfs images that the tests loop-mount (root, xfsprogs and btrfs-progs needed;
 skipped with the reason otherwise): almost nothing newly allocated, the same bytes as the same upcycle on the normal
 disk, shared extents in the extent map (`filefrag -v`), the source untouched when the output is modified, a source
-with odd tensor sizes still sharing every large tensor, and `--no-share` allocating everything.
+with odd tensor sizes still sharing every large tensor, a source in several files sharing as much, and `--no-share`
+allocating everything.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from surgery.header import build_header
 from surgery.hub import require_hub_client
 from surgery.producers import Copy
 from surgery.sharing import BLOCK, Item, Written, arrange, shareable_bytes
+from surgery import writer
 from surgery.writer import data_order, plan_shards
 from tests.fake_hub import FakeHub, folder_files
 
@@ -245,6 +248,34 @@ def test_plan_puts_copies_at_their_source_offsets_modulo_4096(tmp_path):
     assert "XFS, btrfs" in line
 
 
+def data_phases(folder: Path) -> set[int]:
+    """Where the data of `folder`'s safetensors files start, modulo BLOCK."""
+    return {(8 + struct.unpack("<Q", path.read_bytes()[:8])[0]) % BLOCK for path in folder.glob("*.safetensors")}
+
+
+def shareable_with_greedy_split(plan, monkeypatch) -> tuple[int, int]:
+    """(bytes that can share, shards) with huggingface_hub's split of the same output (no phase classes)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(writer, "phase_classes", lambda tensors, least: [None] * len(tensors))
+        shards = plan_shards(plan.outputs, plan.options.max_shard_size)
+    return sum(s.shareable for s in shards), len(shards)
+
+
+def test_copies_from_source_files_at_different_phases_go_to_different_shards(tmp_path, monkeypatch):
+    """Mistral-7B's real shapes in 2 GB source files whose data start at different offsets modulo 4096: in one
+    output file only one source file's copies can line up, so each output shard takes one source file's copies."""
+    src = write_synthetic(tmp_path / "src", layers=4, holes=True, shard_size=2_000_000_000)
+    assert len(data_phases(src)) > 1
+    plan = surgery.plan(src, RULES, 4, 2)
+    copied = sum(t.nbytes for t in plan.outputs if isinstance(t.producer, Copy))
+    shards = plan_shards(plan.outputs, plan.options.max_shard_size)
+    assert sum(s.shareable for s in shards) > 0.9999 * copied
+    assert all(s.nbytes <= plan.options.max_shard_size for s in shards)
+    greedy, count = shareable_with_greedy_split(plan, monkeypatch)
+    assert greedy < 0.9 * copied  # the case arises: huggingface_hub's split mixes source files in output shards
+    assert len(shards) <= count + len(data_phases(src)) - 1
+
+
 # ----------------------------------------------------------------------------------------------- loop filesystems
 
 
@@ -442,6 +473,20 @@ def test_odd_sized_tensors_still_share_every_large_tensor(reflink_dir):
         assert covered == inner[1] - inner[0], f"{name}: {covered:,} of {inner[1] - inner[0]:,} aligned bytes shared"
     assert large == 2 + 2 * (4 + 4 * 3)  # embeddings, lm_head; per layer q, k, v, o and 4 experts x 3
     assert run.new <= NEW_AT_MOST * shard_bytes(run.out)
+    shutil.rmtree(run.out)
+
+
+def test_several_source_files_share_nearly_everything(reflink_dir, monkeypatch):
+    """Source files whose data start at different phases, and output shards small enough that huggingface_hub's
+    split would put copies from two of them in one file."""
+    src = write_synthetic(reflink_dir / "multi-src", layers=4, overrides=SMALL, shard_size=60_000_000)
+    plan = surgery.plan(src, RULES, 4, 2, max_shard_size=150_000_000)
+    copied = sum(t.nbytes for t in plan.outputs if isinstance(t.producer, Copy))
+    assert len(data_phases(src)) > 1 and shareable_with_greedy_split(plan, monkeypatch)[0] < 0.9 * copied
+    run = upcycle(src, reflink_dir / "multi-out", max_shard_size=150_000_000)
+    assert len(list(run.out.glob("*.safetensors"))) > 1
+    assert run.new <= NEW_AT_MOST * shard_bytes(run.out)
+    shutil.rmtree(src)
     shutil.rmtree(run.out)
 
 

@@ -22,7 +22,7 @@ from surgery.checkpoint import open_checkpoint
 from surgery.errors import SurgeryError
 from surgery.producers import Copy, produce
 from surgery.values import Computed, Concat, Init, Slice, Source, Stack
-from surgery.writer import OutputTensor, shard_layout, write_checkpoint
+from surgery.writer import OutputTensor, shard_layout, split, write_checkpoint
 
 from .tiny_models import save_tiny
 
@@ -364,6 +364,35 @@ def test_grouping_oversized_example():
     # huggingface_hub: [[t1], [t0, t2]] -- the small tensors around the big one share a shard
     assert hf_grouping([2, 10, 2], 5) == [["t1"], ["t0", "t2"]]
     assert our_grouping([2, 10, 2], 5) == [["t1"], ["t0", "t2"]]
+
+
+@settings(max_examples=200, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(data=st.data())
+def test_split_fills_one_shard_per_class(data):
+    """Items in classes (phases at which copies share blocks with their source) are split greedily as
+    huggingface_hub does, one shard being filled per class; items without a class follow the item before them."""
+    max_bytes = data.draw(st.integers(1, 3000))
+    sizes = data.draw(st.lists(st.integers(1, 2 * max_bytes), min_size=1, max_size=25))
+    classes = data.draw(st.lists(st.sampled_from([None, 0, 8, 16]), min_size=len(sizes), max_size=len(sizes)))
+    shards = split(sizes, classes, max_bytes)
+    assert sorted(i for shard in shards for i in shard) == list(range(len(sizes)))
+    for shard in shards:
+        assert shard == sorted(shard)
+        assert len(shard) == 1 or sum(sizes[i] for i in shard) <= max_bytes
+        assert len({classes[i] for i in shard} - {None}) <= 1, (classes, shards)
+    huggingface = [[int(name[1:]) for name in shard] for shard in hf_grouping(sizes, max_bytes)]
+    one_class = [c if c is None else 8 for c in classes]
+    assert split(sizes, one_class, max_bytes) == split(sizes, [None] * len(sizes), max_bytes) == huggingface
+
+
+def test_split_examples():
+    # huggingface_hub: [[0, 1], [2, 3]]; two classes alternating fill two shards side by side
+    assert hf_grouping([4, 4, 4, 4], 8) == [["t0", "t1"], ["t2", "t3"]]
+    assert split([4, 4, 4, 4], [1, 2, 1, 2], 8) == [[0, 2], [1, 3]]
+    # items without a class go with the item before them (the first ones with the first class)
+    assert split([1, 4, 1, 4, 1], [None, 1, None, 2, None], 10) == [[0, 1, 2], [3, 4]]
+    # a class with items left keeps its shard open; one with none left closes it
+    assert split([3, 3, 3, 3], [1, 2, 2, 1], 10) == [[1, 2], [0, 3]]
 
 
 def test_weight_map_matches_huggingface_hub(tmp_path):
