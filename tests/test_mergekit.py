@@ -200,6 +200,8 @@ def test_routers_follow_mergekits_definitions(mistrals, tmp_path, mode, router_i
         assert np.abs(router.reshape(4, 32) - bf16(expected[layer])).max() <= tolerance, (mode, layer)
     card = (out / "README.md").read_text()
     assert f'"gate_mode": "{mode}"' in card and f'"router_input": "{router_input}"' in card
+    assert f"computed from the config's prompts ({mode}, {router_input} input" in card
+    assert "surgery-routers-" not in card  # not the temporary folder's path
     assert not list(tmp_path.glob(".out.surgery-routers-*")), "the routers checkpoint is removed afterwards"
 
 

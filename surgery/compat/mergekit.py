@@ -390,7 +390,10 @@ def mergekit_moe(
                                        dir=Path(out).parent if Path(out).parent.is_dir() else None))
         try:
             _routers(job, folder, router_input, dtypes.parse_float_dtype(compute_dtype), progress)
-            sources = {**job.sources, ROUTERS: open_source(folder)}
+            routers = open_source(folder)
+            routers.location = (f"computed from the config's prompts ({config.gate_mode}, {router_input} input, "
+                                f"{compute_dtype}); removed afterwards")  # what the model card records
+            sources = {**job.sources, ROUTERS: routers}
             return upcycle(job.base, out, job.rules, sources=sources, overwrite=overwrite, progress=progress,
                            command=command, **settings)
         finally:
