@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -203,6 +205,26 @@ def test_routers_follow_mergekits_definitions(mistrals, tmp_path, mode, router_i
     assert f"computed from the config's prompts ({mode}, {router_input} input" in card
     assert "surgery-routers-" not in card  # not the temporary folder's path
     assert not list(tmp_path.glob(".out.surgery-routers-*")), "the routers checkpoint is removed afterwards"
+
+
+def test_a_killed_runs_routers_folder_is_removed_by_the_next_run(mistrals, tmp_path):
+    """SIGKILL while the routers are computed leaves `.OUT.surgery-routers` beside OUT; the next run into OUT
+    removes it (it holds the routers lock, so no live run is using it) and leaves nothing of its own behind."""
+    config = write_config(tmp_path, mistrals[0], mistrals, "hidden")
+    out, routers = tmp_path / "out", tmp_path / ".out.surgery-routers"
+    child = subprocess.Popen([sys.executable, "-m", "surgery", "mergekit-moe", str(config), str(out), "-q",
+                              "--no-check"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not routers.exists() and child.poll() is None:
+            time.sleep(0.005)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL and routers.is_dir() and not out.exists()
+    (routers / "model.safetensors").write_bytes(b"left by the killed run")
+    build(config, out)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
+    assert (out / "config.json").exists()
 
 
 def test_random_gate_modes_are_seeded_and_scaled_like_mergekits(mistrals, tmp_path):

@@ -4,9 +4,10 @@ The config (mergekit/moe/config.py: `base_model`, `experts` with `source_model`,
 `negative_prompts`, `noise_scale`, `residual_scale`, `gate_mode`, `dtype`, `experts_per_token`, `shared_experts`,
 `architecture`) becomes a built-in `experts-to-*` rule file, its parameters and named sources; with an MoE as
 `base_model`, the experts are appended to it by a `*-add-experts` rule file. Routers of the gate modes from prompts
-are computed layer by layer (surgery.routers) into a small routers checkpoint beside OUT, read as source `routers`
-and deleted at the end; the random gate modes are drawn by the rule file, seeded. Fields that cannot be honoured
-are one error line, never ignored. This module writes no tensors itself.
+are computed layer by layer (surgery.routers) into a small routers checkpoint beside OUT (`.OUT.surgery-routers`,
+under a lock; a killed run's is removed by the next), read as source `routers` and deleted at the end; the random
+gate modes are drawn by the rule file, seeded. Fields that cannot be honoured are one error line, never ignored.
+This module writes no tensors itself.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import shlex
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,7 @@ import yaml
 from .. import dtypes
 from ..api import open_source, plan as make_plan, upcycle
 from ..checkpoint import Checkpoint
-from ..destination import Destination
+from ..destination import Destination, Lock, resolve_destination, sibling
 from ..errors import SurgeryError
 from ..expressions import render
 from ..routers import FROM_PROMPTS, HIDDEN_MODES, ROUTER_INPUTS, Prompts, router_rows, write_routers
@@ -43,6 +43,8 @@ ARCHITECTURES = {"Mixtral": "mixtral", "DeepSeek MoE": "deepseek", "Qwen MoE": "
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
 EXPERTS_PREFIX, ADD_SUFFIX = "experts-to-", "-add-experts"
 ROUTERS = "routers"
+#: the routers checkpoint's folder beside OUT (`.OUT.surgery-routers`), with its lock file
+ROUTERS_SUFFIX = ".surgery-routers"
 
 
 @dataclass(frozen=True)
@@ -385,10 +387,13 @@ def mergekit_moe(
     if not job.prompts:
         return upcycle(job.base, out, job.rules, sources=job.sources, overwrite=overwrite, progress=progress,
                        command=command, **settings)
+    destination = resolve_destination(out)
+    folder, lock = sibling(destination, ROUTERS_SUFFIX), Lock(sibling(destination, ROUTERS_SUFFIX + ".lock"))
     with interrupts_raise():  # SIGTERM and SIGHUP too remove the routers checkpoint
-        folder = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.surgery-routers-",
-                                       dir=Path(out).parent if Path(out).parent.is_dir() else None))
+        lock.acquire(str(out))
         try:
+            shutil.rmtree(folder, ignore_errors=True)  # a killed run's (SIGKILL): we hold the lock
+            folder.mkdir()
             _routers(job, folder, router_input, dtypes.parse_float_dtype(compute_dtype), progress)
             routers = open_source(folder)
             routers.location = (f"computed from the config's prompts ({config.gate_mode}, {router_input} input, "
@@ -398,6 +403,7 @@ def mergekit_moe(
                            command=command, **settings)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+            lock.release()
 
 
 def _routers(job: Job, folder: Path, router_input: str, compute_dtype: str, progress: bool) -> None:
