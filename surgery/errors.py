@@ -10,6 +10,12 @@ class SurgeryError(Exception):
     """A user-facing error: the message says what is wrong and, where possible, what to do."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message (its type's name if it has none): for one-line errors
+    that quote a library's exception."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
 #: what to do about the OS errors a long write meets
 _ADVICE = {
     errno.ENOSPC: "the disk is full: free space or choose a DST on another disk",

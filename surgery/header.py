@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from . import dtypes
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 
 MAX_HEADER_BYTES = 100_000_000
 U64_MAX = 2**64 - 1
@@ -61,7 +61,7 @@ def parse_header(raw: bytes, file_size: int, where: str) -> FileHeader:
     except _DuplicateKey as dup:
         raise SurgeryError(f"{where}: header has duplicate key {dup.args[0]!r}") from None
     except (ValueError, RecursionError) as exc:
-        raise SurgeryError(f"{where}: header is not valid JSON ({_first_line(exc)})") from None
+        raise SurgeryError(f"{where}: header is not valid JSON ({first_line(exc)})") from None
     if not isinstance(obj, dict):
         raise SurgeryError(f"{where}: header is not a JSON object")
     metadata = obj.pop("__metadata__", {})
@@ -107,9 +107,6 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
         out[key] = value
     return out
 
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _short(value: object, limit: int = 80) -> str:

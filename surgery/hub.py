@@ -28,7 +28,7 @@ from .checkpoint import (
     read_json,
     tensors_from_headers,
 )
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 from .header import FileHeader, header_length, parse_header
 
 _REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>\S+))?")
@@ -167,7 +167,7 @@ def check_push(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
-        raise SurgeryError(f"cannot push to {repo_id!r}: not a valid repo id ({_first_line(exc)})") from None
+        raise SurgeryError(f"cannot push to {repo_id!r}: not a valid repo id ({first_line(exc)})") from None
     if constants.is_offline_mode():
         raise SurgeryError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set")
     if get_token() is None:
@@ -356,18 +356,18 @@ def _describe(exc: BaseException, repo_id: str, revision: str | None, what: str)
     if found(RemoteEntryNotFoundError):
         return f"{at}: {what} failed: the file is not in the repository"
     if invalid := found(HFValidationError):
-        return f"{repo_id}: not a valid repo id ({_first_line(invalid)})"
+        return f"{repo_id}: not a valid repo id ({first_line(invalid)})"
     http = found(HfHubHTTPError)
     if isinstance(http, HfHubHTTPError) and http.response is not None and http.response.status_code in (401, 403):
         return f"{at}: {what} was refused (HTTP {http.response.status_code}): {_LOGIN} with a token that has access"
     if network := found(http_client().TransportError):
         return (
-            f"{at}: {what} failed with a network error ({_first_line(network)}); "
+            f"{at}: {what} failed with a network error ({first_line(network)}); "
             f"check the connection to {constants.ENDPOINT}"
         )
     if found(OfflineModeIsEnabled):  # not a network error: HF_HUB_OFFLINE is set
         return f"{at}: {what} needs the Hub, but HF_HUB_OFFLINE is set and the cache does not have it"
-    return f"{at}: {what} failed ({_first_line(exc)})"
+    return f"{at}: {what} failed ({first_line(exc)})"
 
 
 def http_client() -> ModuleType:
@@ -382,6 +382,3 @@ def _version(text: str) -> tuple[int, int]:
     match = re.match(r"(\d+)\.(\d+)", text)
     return (int(match[1]), int(match[2])) if match else (0, 0)
 
-
-def _first_line(exc: BaseException) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)

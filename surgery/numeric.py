@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 from .expressions import render
 from .extras import torch_and_transformers
 from .plan import Plan, fill
@@ -102,7 +102,13 @@ def _module(checkpoint: Checkpoint, prefix: str, layer: int, edits: dict, names:
     try:
         model = _load(model_class, {**config, **_TINY_ATTENTION}, state)
     except (ValueError, RuntimeError):  # a model that ties its attention shape to the hidden size
-        model = _load(model_class, config, state)
+        try:
+            model = _load(model_class, config, state)
+        except (ValueError, RuntimeError, TypeError, KeyError, AttributeError) as exc:
+            raise SurgeryError(
+                f"{checkpoint.location}: transformers {transformers.__version__} cannot build a one-layer "
+                f"{architecture} to check layer {layer} ({first_line(exc)})"
+            ) from None
     del state
     return _find(model, local, numel).eval()
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import dtypes
 from .checkpoint import Checkpoint, TensorInfo
-from .errors import SurgeryError, os_error
+from .errors import SurgeryError, first_line, os_error
 from .extras import INSTALL, torch_and_transformers
 from .header import build_header
 
@@ -126,7 +126,7 @@ def load_tokenizer(base: Checkpoint) -> object:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folders.pop()))
     except (OSError, ValueError) as exc:
-        raise SurgeryError(f"{base.location}: transformers cannot load its tokenizer ({_first_line(exc)})") from None
+        raise SurgeryError(f"{base.location}: transformers cannot load its tokenizer ({first_line(exc)})") from None
     tokenizer.padding_side = "left"
     tokenizer.pad_token_id = tokenizer.bos_token_id
     if tokenizer.pad_token_id is None:
@@ -149,7 +149,7 @@ def _tokenize(tokenizer: object, prompts: list[str], base: Checkpoint) -> _Batch
     try:
         encoded = tokenizer([bos + p for p in prompts], return_tensors="np", padding=True, add_special_tokens=False)
     except ValueError as exc:
-        raise SurgeryError(f"{base.location}: cannot tokenize the prompts ({_first_line(exc)})") from None
+        raise SurgeryError(f"{base.location}: cannot tokenize the prompts ({first_line(exc)})") from None
     ids, mask = np.asarray(encoded["input_ids"], dtype=np.int64), np.asarray(encoded["attention_mask"])
     vocab = base.config.get("vocab_size")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
@@ -341,9 +341,6 @@ def _tensor(base: Checkpoint, info: TensorInfo) -> object:
             raise SurgeryError(f"{f.name}: ends inside tensor {info.name}")
     return torch.frombuffer(raw, dtype=getattr(torch, _TORCH_DTYPES[info.dtype])).reshape(info.shape)
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _transformers() -> object:

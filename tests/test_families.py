@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import surgery
 from surgery.consumer import check_consumer
+from surgery.errors import SurgeryError
 
 from .test_cli import assert_one_line_error, run
 from .test_exactness import (CASES, COHERE2, ERNIE, GRANITE, HUNYUAN, OLMO2, OLMO3, QWEN3_5, available, loads,
@@ -369,8 +370,14 @@ def test_numeric_check_passes_layer_by_layer(sources, tmp_path, rules):
     from surgery.numeric import check_numeric
 
     kind, overrides, settings = FAMILIES[rules]
-    # transformers 4 cannot build a one-layer ERNIE-4.5-MoE whose layer is dense (its fp32 list names the router);
-    # GraniteMoeShared's shared MLP sits beside block_sparse_moe (both summed), or is left out
+    # transformers 4 cannot build a one-layer ERNIE-4.5-MoE whose layer is dense (its fp32 list names the router):
+    # the check says so in one line; GraniteMoeShared's shared MLP sits beside block_sparse_moe (both summed), or is
+    # left out
+    if rules.startswith("ernie") and not TRANSFORMERS_5:
+        out = upcycle(sources(kind, overrides), tmp_path / "partial", rules, **settings[-1])
+        with pytest.raises(SurgeryError, match=r"^\S+: transformers 4\.\S+ cannot build a one-layer "
+                                               r"Ernie4_5_MoeForCausalLM to check layer 0 \([^\n]+\)$"):
+            check_numeric(surgery.plan(sources(kind, overrides), rules, **settings[-1]), out)
     choices = [FOUR] if rules.startswith("ernie") and not TRANSFORMERS_5 else \
         [settings[-1], dict(FOUR, shared_experts=0)] if rules == "granite-to-granitemoeshared" else [settings[-1]]
     for i, params in enumerate(choices):
