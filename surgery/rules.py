@@ -107,6 +107,8 @@ class Auxiliary:
     name: str
     help: str
     model_types: tuple[str, ...] = ()
+    #: the float dtype whoever makes this source should write it in (surgery mergekit-moe's routers); None: the output's
+    dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -342,13 +344,14 @@ def _index(r: _Reader, name: str, spec: object) -> Index:
 
 
 def _auxiliary(r: _Reader, name: str, spec: object) -> Auxiliary:
-    """`source.auxiliary.NAME: {help: TEXT, model_type: [..]}`: a source read by name only."""
+    """`source.auxiliary.NAME: {help: TEXT, model_type: [..], dtype: D}`: a source read by name only."""
     where = f"source.auxiliary.{name}"
     if not name.isidentifier() or name == "base":
         raise r.fail(where, "a source name must be a plain identifier other than base")
-    spec = r.mapping(spec, where, required=("help",), optional=("model_type",))
+    spec = r.mapping(spec, where, required=("help",), optional=("model_type", "dtype"))
     return Auxiliary(name, r.typed(spec["help"], f"{where}.help", str),
-                     tuple(r.strings(spec.get("model_type", []), f"{where}.model_type")))
+                     tuple(r.strings(spec.get("model_type", []), f"{where}.model_type")),
+                     None if spec.get("dtype") is None else _dtype(r, spec["dtype"], f"{where}.dtype"))
 
 
 def _exactness(r: _Reader, spec: object) -> Exactness:

@@ -121,6 +121,8 @@ BAD_DOCS = [
     ({"indices": {"expert": {"count": "num_experts", "weight": 1}}}, "indices.expert: unknown field 'weight'"),
     ({"config": {"set": [1]}}, "config.set: expected a mapping"),
     ({"name": 3}, "name: expected a string"),
+    ({"source": {"model_type": ["mistral"], "auxiliary": {"routers": {"help": "rows", "dtype": "int8"}}}},
+     "source.auxiliary.routers.dtype:"),
 ]
 
 

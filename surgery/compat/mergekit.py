@@ -415,7 +415,8 @@ def _routers(job: Job, folder: Path, router_input: str, compute_dtype: str, prog
     if shared.shape[1]:  # one gate for the shared MLP: the normalised sum of the shared experts' rows
         total = shared.sum(axis=1, keepdims=True)
         shared = total / np.maximum(np.linalg.norm(total, axis=-1, keepdims=True), 1e-8)
-    write_routers(folder, experts, job.dtype or _dominant(job.base), shared if shared.shape[1] else None)
+    declared = job.rules.auxiliary[ROUTERS].dtype if ROUTERS in job.rules.auxiliary else None
+    write_routers(folder, experts, declared or job.dtype or _dominant(job.base), shared if shared.shape[1] else None)
 
 
 def _dominant(base: Checkpoint) -> str:
