@@ -59,8 +59,8 @@ def timed(cmd: list[str], log: Path, cold: bool) -> dict:
             "disk_written_gb": round(stats.disk_written_gb, 3), "caches_dropped": dropped}
 
 
-def measure(layers: int, repeats: int, root: Path, cold: bool, recipe: str = "copy") -> dict:
-    """Interleaved cp / upcycle pairs at one depth."""
+def measure(layers: int, repeats: int, root: Path, cold: bool, recipe: str = "copy", jobs: int = 1) -> dict:
+    """Interleaved cp / upcycle pairs at one depth (the upcycle with `jobs` processes)."""
     sizes = planned_sizes(layers, root, recipe=recipe)
     row: dict = {"layers": layers, "output_bytes": sizes.output_bytes}
     fits, message = fits_on_disk(sizes.source_bytes + 2 * sizes.output_bytes, root)
@@ -75,7 +75,7 @@ def measure(layers: int, repeats: int, root: Path, cold: bool, recipe: str = "co
         for i in range(repeats):
             cp = timed(["cp", "--reflink=never", str(blob), str(copy)], folder / "cp.log", cold)
             copy.unlink()
-            upcycle = timed(upcycle_command(src, out, recipe=recipe), folder / "upcycle.log", cold)
+            upcycle = timed(upcycle_command(src, out, ["--jobs", str(jobs)], recipe), folder / "upcycle.log", cold)
             if dir_bytes(out) < sizes.output_bytes:
                 raise RuntimeError(f"upcycle wrote {dir_bytes(out):,} bytes, the plan says {sizes.output_bytes:,}")
             shutil.rmtree(out)
@@ -104,8 +104,9 @@ def markdown(result: dict) -> str:
     lines = [
         "# Wall time of `surgery upcycle` vs `cp` of the same bytes",
         "",
-        f"{RECIPE_TEXT[result.get('recipe', 'copy')]}, on synthetic "
-        f"{shapes_text(source_arch(result.get('recipe', 'copy')))} (random bf16, 5 GB shards). "
+        f"{RECIPE_TEXT[result.get('recipe', 'copy')]}"
+        + (f", `--jobs {result['jobs']}`" if result.get("jobs", 1) > 1 else "")
+        + f", on synthetic {shapes_text(source_arch(result.get('recipe', 'copy')))} (random bf16, 5 GB shards). "
         f"Interleaved cp, upcycle, cp, upcycle, ... ({result['repeats']} pairs per depth); "
         + ("page cache dropped before every run" if dropped and result["cold"] else "page cache NOT dropped")
         + "; times include the `sync` that writes the output to disk. GB = 10^9 bytes. Disk reads are the "
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="copy: identical experts; scaled: every expert's down_proj scaled; fp32: all cast")
     parser.add_argument("--name", default="throughput", help="results file name (default: throughput)")
     parser.add_argument("--warm", action="store_true", help="do not drop the page cache before each run (only sync)")
+    parser.add_argument("--jobs", type=int, default=1, help="processes writing shards (surgery's --jobs; default: 1)")
     place_arguments(parser)
     args = parser.parse_args(argv)
     exit_on_sigterm()
@@ -149,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         print("cannot drop the page cache here (not root?): runs start from a synced, warm cache", flush=True)
     command = "python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"cp vs upcycle at depths {args.layers}, {args.repeats} pairs each (scratch in {args.workdir})", flush=True)
-    depths = [measure(layers, args.repeats, args.workdir, cold, args.recipe) for layers in args.layers]
-    result = {"command": command.strip(), "recipe": args.recipe, "repeats": args.repeats, "cold": cold,
-              "machine": machine(), "depths": depths}
+    depths = [measure(layers, args.repeats, args.workdir, cold, args.recipe, args.jobs) for layers in args.layers]
+    result = {"command": command.strip(), "recipe": args.recipe, "jobs": args.jobs, "repeats": args.repeats,
+              "cold": cold, "machine": machine(), "depths": depths}
     paths = write_results(args.out, args.name, result, markdown(result))
     print(markdown(result))
     print("wrote " + ", ".join(map(str, paths)))

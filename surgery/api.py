@@ -10,11 +10,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, open_checkpoint
+from .errors import SurgeryError
 from .execute import assemble as assemble_output, execute, parse_part
 from .hub import RepoUnavailable, check_push, open_hub_checkpoint, parse_repo_id, push
 from .plan import OPTION_NAMES, Options, Plan, make_plan
 from .rules import RuleFile
 from .sharing import Written
+from .workers import check_jobs
 
 
 def open_source(
@@ -61,6 +63,12 @@ def plan(
     return make_plan(open_source(src), rules, options, params, others)
 
 
+class _Bar(tqdm):
+    """The writing progress bar, without tqdm's monitor thread: `jobs` forks, best from a single-threaded process."""
+
+    monitor_interval = 0
+
+
 def upcycle(
     src: str | os.PathLike | Checkpoint,
     dst: str | os.PathLike,
@@ -78,6 +86,7 @@ def upcycle(
     shards: str | tuple[int, int] | None = None,
     share: bool = True,
     report: Callable[[Written], None] | None = None,
+    jobs: int = 1,
     **settings: object,
 ) -> Path | None:
     """Upcycle `src` into `dst` with a rule file (built-in name or path); returns the output folder.
@@ -90,18 +99,22 @@ def upcycle(
     others return None), or call `assemble` at the end.
     On a reflink filesystem (XFS, btrfs, ZFS >= 2.2, bcachefs) holding both the source and `dst`, copies share
     blocks with the source; `share=False` makes real copies (the same bytes). `report`, if given, is called with
-    the bytes of shards written and how many of them share blocks with the source.
+    the bytes of shards written and how many of them share blocks with the source. `jobs` processes write the
+    shards (for recipes that compute; the same bytes; not with `shards` or `evict_source`).
     `settings`: the rule file's parameters (router_init, router_std, ...) and seed, dtype ("bf16", ...),
     max_shard_size (bytes).
     """
     if push_to_hub:
         check_push(push_to_hub)
     part = parse_part(shards) if isinstance(shards, str) else shards
+    if check_jobs(jobs) > 1 and evict_source:
+        raise SurgeryError("jobs > 1 and evict_source do not go together: a source shard is only done when every "
+                           "process is")
     source = open_source(src, evict_source=evict_source, progress=progress)
     the_plan = plan(source, rules, num_experts, experts_per_token, **settings)
-    with tqdm(total=the_plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=not progress) as bar:
+    with _Bar(total=the_plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=not progress) as bar:
         out = execute(the_plan, dst, overwrite=overwrite, progress=bar.update, command=command, resume=resume,
-                      part=part, share=share, report=report)
+                      part=part, share=share, report=report, jobs=jobs)
     if push_to_hub and out is not None:
         push(out, push_to_hub, private)
     return out

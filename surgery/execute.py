@@ -22,6 +22,7 @@ from .producers import Sources
 from .report import model_card
 from .sharing import SpaceProbe, Written
 from .signals import Interrupted, interrupts_raise
+from .workers import check_jobs
 from .writer import Shard, plan_shards, shard_is_complete, write_index, write_shards
 
 #: inside the staging folder: the fingerprint of the plan it is being written for (removed before the swap)
@@ -39,6 +40,7 @@ def execute(
     part: tuple[int, int] | None = None,
     share: bool = True,
     report: Callable[[Written], None] | None = None,
+    jobs: int = 1,
 ) -> Path | None:
     """Write the plan's output to `dst`; until everything is written, `dst` is untouched.
 
@@ -46,18 +48,21 @@ def execute(
     left, and keeps the finished shards if this run fails too. `part=(i, n)` writes only the shards of worker i of
     n (1-based) into the shared staging folder; the worker that finds all shards complete assembles the output.
     Without `share`, copies are real copies even where the filesystem could share blocks with the source. Once this
-    run's shards are written, `report` gets their size and how much of it shares blocks with the source.
+    run's shards are written, `report` gets their size and how much of it shares blocks with the source. `jobs`
+    processes write the shards (see `workers`; not with `part`).
     Returns `dst`, or None for a worker that did not assemble.
     """
     if resume not in RESUME_MODES:
         raise SurgeryError(f"resume must be one of False, True, 'verify'; got {resume!r}")
+    if check_jobs(jobs) > 1 and part is not None:
+        raise SurgeryError("jobs and a worker's part (--shards I/N) do not go together: split the work one way")
     shards = plan_shards(plan.outputs, plan.options.max_shard_size)
     for source in plan.sources.values():
         source.check_readable()
     fingerprint = _fingerprint(plan, shards)
     with interrupts_raise():
         if part is None:
-            return _whole(plan, shards, dst, overwrite, progress, command, resume, fingerprint, share, report)
+            return _whole(plan, shards, dst, overwrite, progress, command, resume, fingerprint, share, report, jobs)
         _part(plan, shards, dst, overwrite, progress, part, fingerprint, share, report)
         return assemble_shards(plan, shards, dst, overwrite, command, fingerprint, required=False)
 
@@ -81,13 +86,13 @@ def parse_part(text: str) -> tuple[int, int]:
 
 def _whole(plan: Plan, shards: list[Shard], dst: str | os.PathLike, overwrite: bool,
            progress: Callable[[int], None], command: str | None, resume: bool | str, fingerprint: str,
-           share: bool, report: Callable[[Written], None] | None) -> Path:
+           share: bool, report: Callable[[Written], None] | None, jobs: int) -> Path:
     with Destination(dst, plan.sources.values(), overwrite) as d:
         try:
             _open_staging(d, fingerprint, keep=bool(resume))
             done = _complete(shards, d.staging, verify=resume == "verify")
             progress(sum(s.nbytes for s in done))
-            written = _write(shards, done, d.staging, progress, share)
+            written = _write(shards, done, d.staging, progress, share, jobs)
             _finish(plan, shards, d.staging, command)
             d.commit()
         except BaseException as exc:
@@ -118,12 +123,12 @@ def _part(plan: Plan, shards: list[Shard], dst: str | os.PathLike, overwrite: bo
 
 
 def _write(shards: list[Shard], done: list[Shard], folder: Path, progress: Callable[[int], None],
-           share: bool) -> Written:
-    """Write the `shards` not `done` into `folder`; how many bytes that took and how many share blocks with the
-    source."""
+           share: bool, jobs: int = 1) -> Written:
+    """Write the `shards` not `done` into `folder` with `jobs` processes; how many bytes that took and how many
+    share blocks with the source."""
     todo = [s for s in shards if s not in done]
     probe = SpaceProbe(folder)
-    write_shards(todo, folder, progress, share)
+    write_shards(todo, folder, progress, share, jobs)
     return probe.measure([folder / s.name for s in todo])
 
 

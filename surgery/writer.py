@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ from .errors import SurgeryError, os_error
 from .header import build_header
 from .producers import Copy, Producer, Sources
 from .sharing import ALIGN, BLOCK, Item, arrange, phase_weights, shareable_bytes
+from .workers import balanced, run_split
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
 TEMP_SUFFIX = ".partial"
@@ -214,44 +215,56 @@ def write_checkpoint(
 
 
 def write_shards(shards: list[Shard], folder: Path, progress: Callable[[int], None] = lambda n: None,
-                 share: bool = True) -> None:
+                 share: bool = True, jobs: int = 1) -> None:
     """Write `shards` into `folder`; each takes its final name as soon as its last tensor is in.
 
     Every shard's header is written first (it is known from the plan); then tensors are written into their
     places in the order their source bytes are stored, so each source file is read in one stretch and can be
-    released (evicted) right after. Until complete, a shard has a temporary name; on any exception the
-    temporary files are removed (complete shards stay: a resumed run keeps them). Without `share`, copies are real
-    copies even where the filesystem could share blocks with the source.
+    released (evicted) right after. With `jobs` > 1 that order is cut into as many stretches of about equal bytes,
+    each written by a forked process (see `workers`). Until complete, a shard has a temporary name; on any
+    exception the temporary files are removed (complete shards stay: a resumed run keeps them). Without `share`,
+    copies are real copies even where the filesystem could share blocks with the source.
     """
-    sources = Sources([t.producer for s in shards for t in s.tensors])
     files = _ShardFiles(folder)
     try:
         with share_blocks(share):
-            _write_in_read_order(shards, files, sources, progress)
+            slots = _start(shards, files)
+            remaining = Counter(shard.name for _, shard, _ in slots)
+
+            def done(k: int) -> None:
+                tensor, shard, _ = slots[k]
+                progress(tensor.nbytes)
+                remaining[shard.name] -= 1
+                if remaining[shard.name] == 0:
+                    files.complete(shard)
+
+            def work(group: list[int], report: Callable[[int], None]) -> None:
+                sources = Sources([slots[k][0].producer for k in group])
+                try:
+                    for k in group:
+                        tensor, shard, offset = slots[k]
+                        _write_tensor(tensor, files.fd(shard), offset, sources, files.temp(shard))
+                        report(k)
+                finally:
+                    sources.close()
+
+            run_split(balanced([t.nbytes for t, _, _ in slots], jobs), work, done)
     except BaseException:
         files.discard()
         raise
     finally:
         files.close()
-        sources.close()
 
 
-def _write_in_read_order(shards: list[Shard], files: _ShardFiles, sources: Sources,
-                         progress: Callable[[int], None]) -> None:
-    """Headers first, then every tensor in the order its source bytes are stored; shards complete as they fill."""
-    remaining = {s.name: len(s.tensors) for s in shards}
+def _start(shards: list[Shard], files: _ShardFiles) -> list[tuple[OutputTensor, Shard, int]]:
+    """Every shard's file with its header (empty shards complete); their tensors' places, in source read order."""
     slots = []
     for shard in shards:
         files.create(shard)
         slots += [(t, shard, offset) for t, offset in zip(shard.tensors, shard.offsets)]
         if not shard.tensors:
             files.complete(shard)
-    for tensor, shard, offset in sorted(slots, key=lambda slot: read_position(slot[0])):
-        _write_tensor(tensor, files.fd(shard), offset, sources, files.temp(shard))
-        progress(tensor.nbytes)
-        remaining[shard.name] -= 1
-        if remaining[shard.name] == 0:
-            files.complete(shard)
+    return sorted(slots, key=lambda slot: read_position(slot[0]))
 
 
 class _ShardFiles:
