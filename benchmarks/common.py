@@ -291,13 +291,19 @@ def machine_line(facts: dict) -> str:
             f"surgery {facts['surgery']} @ {facts['commit']}, {facts['date']}")
 
 
-def write_results(out: Path, name: str, data: dict, markdown: str) -> list[Path]:
-    """Write `name`.json and `name`.md into `out`; return the paths."""
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """How a benchmark was run, for its results: `python -m benchmarks.MODULE ARGS`."""
+    return " ".join(["python -m benchmarks." + module, *(argv if argv is not None else sys.argv[1:])])
+
+
+def publish(out: Path, name: str, data: dict, markdown: str) -> None:
+    """Write `name`.json and `name`.md into `out`; print the markdown and the files written."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.json", out / f"{name}.md"]
     paths[0].write_text(json.dumps(data, indent=2) + "\n")
     paths[1].write_text(markdown)
-    return paths
+    print(markdown)
+    print("wrote " + ", ".join(map(str, paths)))
 
 
 def layer_list(text: str) -> list[int]:

@@ -23,9 +23,9 @@ if __package__ in (None, ""):  # run as `python benchmarks/memory.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
-    RECIPES, RECIPE_TEXT, dir_bytes, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line,
-    place_arguments, planned_sizes, run_measured, scratch, shapes_text, source_arch, stats_dict, upcycle_command,
-    write_results,
+    RECIPES, RECIPE_TEXT, command_line, dir_bytes, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line,
+    place_arguments, planned_sizes, publish, run_measured, scratch, shapes_text, source_arch, stats_dict,
+    upcycle_command,
 )
 from benchmarks.synthetic import write_synthetic
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "memory.md").write_text(markdown(result))
         plot(result, args.out / "memory.png")
         return 0
-    command = "python -m benchmarks.memory " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("memory", argv)
     print(f"upcycle at depths {args.layers} (scratch in {args.workdir})", flush=True)
     depths = [measure(layers, args.workdir, recipe=args.recipe) for layers in args.layers]
     engine = []
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     growth = slope(xs, [r["maxrss_mib"] for r in measured])
     anon_growth = slope(xs, [r["rss_anon_mib"] for r in measured])
     result = {
-        "command": command.strip(),
+        "command": command,
         "recipe": RECIPE_TEXT[args.recipe],
         "arch": source_arch(args.recipe),
         "budgets": {"peak_rss_mib": RSS_BUDGET_MIB, "growth_mib_per_layer": GROWTH_BUDGET_MIB},
@@ -221,12 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         "engine": engine,
         "failures": budget_failures(depths, engine, growth),
     }
-    paths = write_results(args.out, args.name, result, markdown(result))
+    publish(args.out, args.name, result, markdown(result))
     if not args.no_plot and measured:
-        paths.append(args.out / f"{args.name}.png")
-        plot(result, paths[-1])
-    print(markdown(result))
-    print("wrote " + ", ".join(map(str, paths)))
+        plot(result, args.out / f"{args.name}.png")
+        print(f"wrote {args.out / f'{args.name}.png'}")
     for failure in result["failures"]:
         print(f"over budget: {failure}", file=sys.stderr)
     return 1 if args.check and result["failures"] else 0

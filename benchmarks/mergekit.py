@@ -28,8 +28,8 @@ if __package__ in (None, ""):  # run as `python benchmarks/mergekit.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
-    dir_bytes, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line, place_arguments, run_measured,
-    scratch, stats_dict, surgery_command, write_results,
+    command_line, dir_bytes, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line, place_arguments,
+    publish, run_measured, scratch, stats_dict, surgery_command,
 )
 from benchmarks.synthetic import make_config, tensor_shapes, write_synthetic
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for layers in args.layers for row in measure(
         layers, args.workdir, modes, args.mergekit if layers <= args.mergekit_max_layers else None)]
     result = {
-        "command": "python -m benchmarks.mergekit " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("mergekit", argv),
         "what": ("Mistral-7B shapes (hidden 4096, intermediate 14336, vocab 32000), four sources, one expert each, "
                  "top-2, dtype bfloat16; hidden: two prompts per expert. surgery writes the per-expert layout, "
                  "mergekit 0.1.5 the fused one (the same bytes)."),
@@ -212,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "failures": failures(rows),
     }
-    paths = write_results(args.out, args.name, result, markdown(result))
-    print(markdown(result))
-    print("wrote " + ", ".join(map(str, paths)))
+    publish(args.out, args.name, result, markdown(result))
     return 1 if args.check and result["failures"] else 0
 
 

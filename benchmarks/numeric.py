@@ -18,8 +18,8 @@ if __package__ in (None, ""):  # run as `python benchmarks/numeric.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
-    RECIPES, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line, place_arguments, planned_sizes,
-    run_measured, scratch, stats_dict, surgery_command, upcycle_command, write_results,
+    RECIPES, command_line, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line, place_arguments,
+    planned_sizes, publish, run_measured, scratch, stats_dict, surgery_command, upcycle_command,
 )
 from benchmarks.synthetic import write_synthetic
 
@@ -72,12 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     place_arguments(parser)
     args = parser.parse_args(argv)
     exit_on_sigterm()
-    command = "python -m benchmarks.numeric " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {"command": command.strip(), "machine": machine(),
+    command = command_line("numeric", argv)
+    result = {"command": command, "machine": machine(),
               "depths": [measure(layers, args.workdir) for layers in args.layers]}
-    paths = write_results(args.out, "numeric", result, markdown(result))
-    print(markdown(result))
-    print("wrote " + ", ".join(map(str, paths)))
+    publish(args.out, "numeric", result, markdown(result))
     return 0
 
 

@@ -36,8 +36,8 @@ if __package__ in (None, ""):  # run as `python benchmarks/reflink.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
-    RECIPE_TEXT, drop_caches, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line, place_arguments,
-    planned_sizes, run_measured, scratch, upcycle_command, write_results,
+    RECIPE_TEXT, command_line, drop_caches, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line,
+    place_arguments, planned_sizes, publish, run_measured, scratch, upcycle_command,
 )
 from benchmarks.synthetic import write_synthetic
 
@@ -234,12 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         if kind not in FILESYSTEMS or shutil.which(FILESYSTEMS[kind][0][0]) is None:
             parser.error(f"--fs {kind}: use xfs or btrfs, with its mkfs installed (apt-get install xfsprogs btrfs-progs)")
     cold = not args.warm
-    command = "python -m benchmarks.reflink " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("reflink", argv)
     runs = [measure(kind, layers, args.repeats, args.workdir, cold) for kind in kinds for layers in args.layers]
-    result = {"command": command.strip(), "repeats": args.repeats, "cold": cold, "machine": machine(), "runs": runs}
-    paths = write_results(args.out, "reflink", result, markdown(result))
-    print(markdown(result))
-    print("wrote " + ", ".join(map(str, paths)))
+    result = {"command": command, "repeats": args.repeats, "cold": cold, "machine": machine(), "runs": runs}
+    publish(args.out, "reflink", result, markdown(result))
     return 0
 
 

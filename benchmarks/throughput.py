@@ -25,8 +25,9 @@ if __package__ in (None, ""):  # run as `python benchmarks/throughput.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
-    RECIPES, RECIPE_TEXT, dir_bytes, drop_caches, exit_on_sigterm, fits_on_disk, layer_list, machine, machine_line,
-    place_arguments, planned_sizes, run_measured, scratch, shapes_text, source_arch, upcycle_command, write_results,
+    RECIPES, RECIPE_TEXT, command_line, dir_bytes, drop_caches, exit_on_sigterm, fits_on_disk, layer_list, machine,
+    machine_line, place_arguments, planned_sizes, publish, run_measured, scratch, shapes_text, source_arch,
+    upcycle_command,
 )
 from benchmarks.synthetic import write_synthetic
 
@@ -149,14 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     cold = not args.warm
     if cold and not drop_caches():
         print("cannot drop the page cache here (not root?): runs start from a synced, warm cache", flush=True)
-    command = "python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("throughput", argv)
     print(f"cp vs upcycle at depths {args.layers}, {args.repeats} pairs each (scratch in {args.workdir})", flush=True)
     depths = [measure(layers, args.repeats, args.workdir, cold, args.recipe, args.jobs) for layers in args.layers]
-    result = {"command": command.strip(), "recipe": args.recipe, "jobs": args.jobs, "repeats": args.repeats,
+    result = {"command": command, "recipe": args.recipe, "jobs": args.jobs, "repeats": args.repeats,
               "cold": cold, "machine": machine(), "depths": depths}
-    paths = write_results(args.out, args.name, result, markdown(result))
-    print(markdown(result))
-    print("wrote " + ", ".join(map(str, paths)))
+    publish(args.out, args.name, result, markdown(result))
     return 0
 
 
